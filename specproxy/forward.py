@@ -1,0 +1,142 @@
+"""The pass-through: the client's request goes upstream byte for byte, the response comes back as it arrives.
+
+Headers lose only what is hop-by-hop; the body is the client's original bytes; the response body is
+relayed chunk by chunk (SSE events reach the client as the upstream writes them) and is never
+decoded, so ``content-encoding`` and ``content-length`` stay consistent. Upstream failures are
+translated to Anthropic-shaped errors at this one boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from specproxy.errors import UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("specproxy.forward")
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the client library from the body we hand it, or rewritten for the upstream host.
+_REQUEST_DROP: Final = HOP_BY_HOP | {"host", "content-length"}
+# Never let the client library invent headers the client did not send.
+SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+ChunkObserver = Callable[[bytes], None]
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    value = headers.get("connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def upstream_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and any named in ``Connection``) and ``drop``."""
+    listed = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in _REQUEST_DROP or low in listed or low in drop:
+            continue
+        out.add(name, value)
+    return out
+
+
+def translate_client_error(exc: BaseException, upstream: str) -> UpstreamUnavailable | UpstreamTimeout:
+    """Map an aiohttp/OS failure before any response byte to a client-visible error."""
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"The upstream ({upstream}) did not answer in time.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"The upstream ({upstream}) is unreachable: connection failed.")
+    return UpstreamUnavailable(f"The upstream ({upstream}) failed: {type(exc).__name__}.")
+
+
+class Forwarder:
+    """Relays one request upstream over the process's pooled session and streams the answer back."""
+
+    def __init__(self, session: aiohttp.ClientSession, upstream: str, *, read_timeout: float, connect_timeout: float):
+        self._session = session
+        self._base = upstream.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self.upstream_label = upstream
+
+    async def forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        observe: ChunkObserver | None = None,
+    ) -> web.StreamResponse:
+        """Send ``request`` (with its original ``body`` bytes) upstream and relay the response.
+
+        ``extra_headers`` are added to the response (the ``X-Cache-Warm*`` contract); ``observe``
+        sees each response chunk as it passes (usage accounting), without buffering.
+        """
+        url = self._base + request.rel_url.raw_path_qs
+        headers = upstream_request_headers(request.headers)
+        try:
+            resp = await self._session.request(
+                request.method,
+                url,
+                data=body if body else None,
+                headers=headers,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise translate_client_error(exc, self.upstream_label) from exc
+
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            listed = _connection_tokens(resp.headers)
+            for name, value in resp.headers.items():
+                low = name.lower()
+                if low in HOP_BY_HOP or low in listed:
+                    continue
+                out.headers.add(name, value)
+            if extra_headers:
+                out.headers.update(extra_headers)
+            await out.prepare(request)
+            try:
+                async for chunk in resp.content.iter_any():
+                    if observe is not None:
+                        observe(chunk)
+                    await out.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # The upstream broke after the status went out: the client must see a broken
+                # response, not a silently short one. Drop the connection as the upstream did.
+                log.warning("stream broke mid-response: %s", type(exc).__name__)
+                resp.close()
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write_eof()
+            return out
+        except asyncio.CancelledError:
+            # The client went away: close the upstream connection too, rather than pooling it.
+            resp.close()
+            raise
+        finally:
+            resp.release()

@@ -1,0 +1,165 @@
+"""Holding: for one ``/v1/messages`` request, decide whether to wait for a warm, wait, and say what happened.
+
+A request is held only when its longest registered prefix is ``warming``. It waits on the warm's
+event (never polling) and goes upstream the moment the warm settles, when ``max_hold`` passes, or
+never, if the client disconnects first (the handler is cancelled; nothing is sent). The verdict
+becomes the ``X-Cache-Warm*`` response headers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, prefix_id, tenant_digest
+from specproxy.registry import Registry, State
+
+HEADER: Final = "X-Cache-Warm"
+HEADER_WAIT: Final = "X-Cache-Warm-Wait-Ms"
+HEADER_PREFIX: Final = "X-Cache-Warm-Prefix"
+
+# Outcomes (the X-Cache-Warm values).
+HIT: Final = "hit"  # matched a warm entry; went at once
+HELD: Final = "held"  # waited for an in-flight warm that then wrote the cache
+TIMEOUT: Final = "timeout"  # waited max_hold; went anyway
+FAILED: Final = "failed"  # the matched warm failed; went at once
+UNCACHEABLE: Final = "uncacheable"  # the matched warm wrote nothing (under the minimum)
+MISS: Final = "miss"  # cacheable, nothing matched
+BYPASS: Final = "bypass"  # no breakpoint, not JSON, no credential, or not a Messages call
+UNHELD: Final = "unheld"  # matched a warming prefix, but the hold limits were full: went at once
+
+_SETTLED_OUTCOME: Final = {State.WARM: HELD, State.UNCACHEABLE: UNCACHEABLE, State.FAILED: FAILED}
+_AT_ONCE_OUTCOME: Final = {State.WARM: HIT, State.UNCACHEABLE: UNCACHEABLE, State.FAILED: FAILED}
+
+
+def credential(headers: Mapping[str, str]) -> str | None:
+    """The credential a request presents (``x-api-key``, else ``authorization``), or None."""
+    return headers.get("x-api-key") or headers.get("authorization") or None
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What happened to one request before it went upstream."""
+
+    outcome: str
+    wait_ms: int = 0
+    prefix: str | None = None
+    tenant: str | None = None
+    body: dict[str, Any] | None = None
+    parsed: Prefix | None = None
+
+    def headers(self) -> dict[str, str]:
+        out = {HEADER: self.outcome, HEADER_WAIT: str(self.wait_ms)}
+        if self.prefix:
+            out[HEADER_PREFIX] = self.prefix
+        return out
+
+
+class HoldLimits:
+    """Bounds on requests held at once, in total and per tenant."""
+
+    def __init__(self, total: int, per_tenant: int) -> None:
+        self._total_max = total
+        self._tenant_max = per_tenant
+        self.total = 0
+        self._by_tenant: dict[str, int] = {}
+
+    def try_acquire(self, tenant: str) -> bool:
+        n = self._by_tenant.get(tenant, 0)
+        if self.total >= self._total_max or n >= self._tenant_max:
+            return False
+        self.total += 1
+        self._by_tenant[tenant] = n + 1
+        return True
+
+    def release(self, tenant: str) -> None:
+        self.total -= 1
+        n = self._by_tenant[tenant] - 1
+        if n:
+            self._by_tenant[tenant] = n
+        else:
+            del self._by_tenant[tenant]
+
+    def held(self, tenant: str) -> int:
+        return self._by_tenant.get(tenant, 0)
+
+
+class Holder:
+    """Routes a request: parses once, hashes once, matches, holds if a warm is in flight."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        max_hold: float,
+        limits: HoldLimits,
+        volatile_prefixes: Sequence[str] = (),
+    ) -> None:
+        self._registry = registry
+        self._max_hold = max_hold
+        self._limits = limits
+        self._volatile = tuple(volatile_prefixes)
+
+    def identify(self, headers: Mapping[str, str], raw: bytes) -> Verdict:
+        """Parse and hash: a ``bypass`` verdict, or one carrying the prefix to match (outcome ``miss``)."""
+        if not has_breakpoint_marker(raw):
+            return Verdict(BYPASS)
+        cred = credential(headers)
+        if cred is None:
+            return Verdict(BYPASS)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return Verdict(BYPASS)
+        if not isinstance(body, dict):
+            return Verdict(BYPASS)
+        tenant = tenant_digest(cred)
+        try:
+            parsed = compute(body, tenant, self._volatile)
+        except PrefixError:
+            return Verdict(BYPASS)  # the upstream will answer it with its own error
+        if not parsed.breakpoints:
+            return Verdict(BYPASS, tenant=tenant, body=body, parsed=parsed)
+        return Verdict(MISS, tenant=tenant, body=body, parsed=parsed)
+
+    async def route(self, headers: Mapping[str, str], raw: bytes) -> Verdict:
+        """Decide, and hold when the longest match is warming. Raises CancelledError if the client leaves."""
+        verdict = self.identify(headers, raw)
+        if verdict.outcome != MISS or verdict.parsed is None or verdict.tenant is None:
+            return verdict
+        match = await self._registry.match(verdict.parsed)
+        if match is None:
+            return verdict
+        warm = match.warm
+        verdict.prefix = prefix_id(match.key)
+        if warm.state is not State.WARMING:
+            verdict.outcome = _AT_ONCE_OUTCOME[warm.state]
+            if warm.state is State.WARM:
+                await self._registry.touch(match)
+            return verdict
+
+        tenant = verdict.tenant
+        if not self._limits.try_acquire(tenant):
+            verdict.outcome = UNHELD
+            return verdict
+        start = time.monotonic()
+        try:
+            settled = await warm.wait(self._max_hold)
+        finally:
+            self._limits.release(tenant)
+            verdict.wait_ms = int((time.monotonic() - start) * 1000)
+        if not settled:
+            verdict.outcome = TIMEOUT
+            return verdict
+        verdict.outcome = _SETTLED_OUTCOME[warm.state]
+        if warm.state is State.WARM:
+            await self._registry.touch(match)
+        return verdict
+
+    @property
+    def held(self) -> int:
+        return self._limits.total

@@ -1,0 +1,260 @@
+"""The warm registry: which prefixes are warming or warm, per tenant, and waiting for them to settle.
+
+One small async :class:`Registry` protocol with two backends: :class:`MemoryRegistry` here (the
+default, ``cachetools.TLRUCache``) and a Redis one for replicas. Keys are chain values from
+:mod:`specproxy.prefix`, which already include the tenant digest; every entry expires.
+
+States:
+
+    warming ──► warm          the warm's response began and its usage shows a cache write or read
+        │──────► uncacheable   it succeeded but wrote nothing (prefix under the model's minimum)
+        └──────► failed        it got an error; kept ``failed_ttl`` so a storm does not re-send it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cachetools import TLRUCache, TTLCache
+
+from specproxy.prefix import TTL_SECONDS, Prefix, prefix_id
+
+
+class State(enum.StrEnum):
+    WARMING = "warming"
+    WARM = "warm"
+    UNCACHEABLE = "uncacheable"
+    FAILED = "failed"
+
+
+@dataclass(eq=False, slots=True)
+class Warm:
+    """One warm: in flight or settled, shared by every breakpoint key it registered."""
+
+    tenant: str
+    prefix: str  # 16-hex id of its longest breakpoint
+    breakpoints: int
+    started_at: float
+    ttl: float
+    state: State = State.WARMING
+    settled_at: float | None = None
+    error: str | None = None
+    mode: str | None = None  # "0" or "1": the max_tokens the warm was sent with
+    uses: int = 0
+    last_used: float | None = None
+    usage: dict[str, Any] | None = None
+    _settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def settled(self) -> bool:
+        return self.state is not State.WARMING
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until settled, at most ``timeout`` seconds. True when settled. Never polls."""
+        if self.settled:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def as_json(self, now: float, expires_at: float | None = None) -> dict[str, Any]:
+        """Public view: ids, state and times only; never content or credentials."""
+        out: dict[str, Any] = {
+            "prefix": self.prefix,
+            "state": str(self.state),
+            "breakpoints": self.breakpoints,
+            "age_s": round(now - self.started_at, 3),
+            "uses": self.uses,
+        }
+        if expires_at is not None:
+            out["expires_in_s"] = round(max(0.0, expires_at - now), 3)
+        if self.mode is not None:
+            out["mode"] = f"max_tokens {self.mode}"
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One registered chain value (one breakpoint of a warm) and when it expires."""
+
+    warm: Warm
+    position: int
+    ttl: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The longest registered prefix of a request: the entry and the item position it covers."""
+
+    entry: Entry
+    position: int
+    key: bytes
+
+    @property
+    def warm(self) -> Warm:
+        return self.entry.warm
+
+
+class Registry(Protocol):
+    """What the proxy needs of warm state, whatever holds it."""
+
+    async def match(self, prefix: Prefix) -> Match | None:
+        """The longest live entry among the prefix's lookback candidates, or None."""
+
+    async def begin(self, tenant: str, prefix: Prefix) -> tuple[Warm, bool]:
+        """Single flight: the warm for this prefix, and True when the caller must send it."""
+
+    async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
+        """Record a warm's outcome and release everyone waiting on it."""
+
+    async def touch(self, match: Match) -> None:
+        """A request read this entry: count the use and refresh its TTL (reads refresh upstream)."""
+
+    async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
+        """A warm by its 16-hex id, for its own tenant only; with its expiry."""
+
+    def snapshot(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Public view of live warms (optionally one tenant's), newest first."""
+
+    async def close(self) -> None:
+        """Release resources."""
+
+
+class MemoryRegistry:
+    """The in-process registry: a bounded TLRU cache of entries plus an id index."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        warm_timeout: float,
+        failed_ttl: float,
+        rewarm_margin: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._warm_timeout = warm_timeout
+        self._failed_ttl = failed_ttl
+        self._rewarm_margin = rewarm_margin
+        self._entries: TLRUCache[bytes, Entry] = TLRUCache(
+            maxsize=max_entries, ttu=lambda _k, e, _now: e.expires_at, timer=clock
+        )
+        # id → (warm, longest key). Bounded like the entries; an id outliving its entries is harmless.
+        self._by_id: TTLCache[str, tuple[Warm, bytes]] = TTLCache(
+            maxsize=max_entries, ttl=TTL_SECONDS["1h"] + warm_timeout, timer=clock
+        )
+        self._keys_of: dict[int, list[bytes]] = {}
+
+    # -- lookups ---------------------------------------------------------------------------------
+    async def match(self, prefix: Prefix) -> Match | None:
+        entries = self._entries
+        for pos, key in prefix.candidates():
+            entry = entries.get(key)
+            if entry is not None:
+                return Match(entry=entry, position=pos, key=key)
+        return None
+
+    async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
+        found = self._by_id.get(prefix)
+        if found is None or found[0].tenant != tenant:
+            return None
+        warm, key = found
+        entry = self._entries.get(key)
+        return warm, (entry.expires_at if entry is not None else None)
+
+    def snapshot(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        now = self._clock()
+        seen: dict[int, dict[str, Any]] = {}
+        for entry in list(self._entries.values()):
+            warm = entry.warm
+            if tenant is not None and warm.tenant != tenant:
+                continue
+            view = seen.get(id(warm))
+            if view is None or entry.expires_at > now + view.get("expires_in_s", 0):
+                seen[id(warm)] = warm.as_json(now, entry.expires_at)
+        return sorted(seen.values(), key=lambda v: v["age_s"])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- single flight -------------------------------------------------------------------------------
+    async def begin(self, tenant: str, prefix: Prefix) -> tuple[Warm, bool]:
+        last = prefix.last_breakpoint
+        if last is None:
+            raise ValueError("a warm needs at least one breakpoint")
+        now = self._clock()
+        existing = self._entries.get(prefix.key(last.position))
+        if existing is not None and not self._worth_rewarming(existing, now):
+            return existing.warm, False
+
+        ttl = max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints)
+        warm = Warm(
+            tenant=tenant,
+            prefix=prefix_id(prefix.key(last.position)),
+            breakpoints=len(prefix.breakpoints),
+            started_at=now,
+            ttl=ttl,
+        )
+        keys: list[bytes] = []
+        for bp in prefix.breakpoints:
+            key = prefix.key(bp.position)
+            current = self._entries.get(key)
+            # Do not turn a live warm entry at an earlier breakpoint back into a held one.
+            if current is not None and current.warm.state is State.WARM and not self._worth_rewarming(current, now):
+                continue
+            self._entries[key] = Entry(warm, bp.position, TTL_SECONDS[bp.ttl], now + self._warm_timeout)
+            keys.append(key)
+        self._keys_of[id(warm)] = keys
+        self._by_id[warm.prefix] = (warm, prefix.key(last.position))
+        return warm, True
+
+    def _worth_rewarming(self, entry: Entry, now: float) -> bool:
+        state = entry.warm.state
+        if state is State.WARM:
+            return entry.expires_at - now <= self._rewarm_margin
+        return False  # warming, uncacheable, or failed within failed_ttl: leave it be
+
+    async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
+        if warm.settled:
+            return
+        now = self._clock()
+        warm.state = state
+        warm.settled_at = now
+        warm.error = error
+        for key in self._keys_of.pop(id(warm), ()):
+            entry = self._entries.get(key)
+            if entry is None or entry.warm is not warm:
+                continue
+            if state is State.FAILED:
+                entry.expires_at = now + self._failed_ttl
+            else:
+                # The upstream TTL counts from the start of the request that wrote the entry.
+                entry.expires_at = warm.started_at + entry.ttl
+            self._entries[key] = entry  # re-insert: TLRU computes expiry on insert
+        warm._settled.set()
+
+    async def touch(self, match: Match) -> None:
+        entry = match.entry
+        warm = entry.warm
+        now = self._clock()
+        warm.uses += 1
+        warm.last_used = now
+        if warm.state is State.WARM:
+            entry.expires_at = now + entry.ttl
+            if self._entries.get(match.key) is entry:
+                self._entries[match.key] = entry
+
+    async def close(self) -> None:
+        for warm, _key in list(self._by_id.values()):
+            warm._settled.set()
