@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from specproxy.serving import serve_forever
 from specproxy.warmer import TenantWarmLimits, Warmer
 
 log = logging.getLogger("specproxy.app")
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
@@ -139,6 +141,11 @@ async def prewarm_state(request: web.Request) -> web.Response:
     return _json(warm.as_json(time.monotonic(), expires_at))
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI document of the proxy's own endpoints."""
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness and a little state, never secrets."""
     app = request.app
@@ -208,6 +215,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.router.add_post("/prewarm", prewarm)
     app.router.add_get("/prewarm/{prefix}", prewarm_state)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_route("*", "/{tail:.*}", passthrough)
     return app
 
