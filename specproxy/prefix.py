@@ -118,8 +118,10 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise PrefixError("messages: Input should be a valid list")
-    tools = body.get("tools") or []
-    if not isinstance(tools, list):
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    elif not isinstance(tools, list):
         raise PrefixError("tools: Input should be a valid list")
     system = body.get("system")
     if system is None:
