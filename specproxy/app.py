@@ -6,17 +6,18 @@ close in ``cleanup_ctx``. No globals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from specproxy import __version__
+from specproxy import __version__, logs, status
 from specproxy.config import Settings
 from specproxy.errors import (
     AuthenticationFailed,
@@ -25,12 +26,14 @@ from specproxy.errors import (
     SpecproxyError,
     from_http_exception,
 )
-from specproxy.forward import Forwarder, upstream_request_headers
-from specproxy.hold import Holder, HoldLimits, credential
+from specproxy.forward import Forwarder, Relayed, upstream_request_headers
+from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict, credential
+from specproxy.metrics import DEFAULT_PRICING, Metrics
 from specproxy.prefix import PrefixError, compute, tenant_digest, with_implicit_breakpoint
-from specproxy.registry import MemoryRegistry, Registry
+from specproxy.registry import MemoryRegistry, Registry, State, Warm
 from specproxy.serving import serve_forever
-from specproxy.warmer import TenantWarmLimits, Warmer
+from specproxy.usage import Usage
+from specproxy.warmer import TenantWarmLimits, Warmer, WarmResult
 
 log = logging.getLogger("specproxy.app")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -41,8 +44,45 @@ HOLDER = web.AppKey("holder", Holder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 WARMER = web.AppKey("warmer", Warmer)
 STARTED = web.AppKey("started", float)
+METRICS = web.AppKey("metrics", Metrics)
+TIMERS = web.AppKey("timers", set)  # wasted-warm checks, cancelled at shutdown
+LOG: Final = "specproxy.log"  # request key: the fields of this request's log line
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    """A bounded label for metrics: the route's canonical path, or ``passthrough``."""
+    info = request.match_info.route.resource
+    canonical = info.canonical if info is not None else ""
+    return "passthrough" if canonical in ("", "/{tail}") else canonical
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line and one request count per request, whatever happened to it."""
+    start = time.monotonic()
+    fields: dict[str, Any] = {}
+    request[LOG] = fields
+    status = 499  # the client went away before an answer (nginx's convention)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        outcome = fields.get("outcome", "none")
+        path = _route_label(request)
+        request.app[METRICS].request(path, status, outcome, fields.get("tenant"))
+        fields.pop("tenant", None)
+        logs.access(
+            {
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                **fields,
+                "ms": round((time.monotonic() - start) * 1000, 2),
+            }
+        )
 
 
 @web.middleware
@@ -82,15 +122,54 @@ def _require_credential(request: web.Request) -> str:
 # --- handlers -------------------------------------------------------------------------------------
 async def messages(request: web.Request) -> web.StreamResponse:
     """``POST /v1/messages``: route (maybe hold), then forward the original bytes."""
+    app = request.app
     raw = await request.read()
-    verdict = await request.app[HOLDER].route(request.headers, raw)
-    return await request.app[FORWARDER].forward(request, raw, extra_headers=verdict.headers())
+    fields = request[LOG]
+    verdict = await app[HOLDER].route(request.headers, raw)
+    fields.update(outcome=verdict.outcome, wait_ms=verdict.wait_ms, prefix=verdict.prefix, tenant=verdict.tenant)
+    if verdict.wait_ms:
+        app[METRICS].hold_seconds.observe(verdict.wait_ms / 1000)
+    try:
+        relayed = await app[FORWARDER].forward(request, raw, extra_headers=verdict.headers(), tap_usage=True)
+    except SpecproxyError as exc:
+        response = exc.to_response()
+        response.headers.update(verdict.headers())
+        return response
+    _account(app, verdict, relayed, fields)
+    assert relayed.response is not None
+    return relayed.response
+
+
+def _account(app: web.Application, verdict: Verdict, relayed: Relayed, fields: dict[str, Any]) -> None:
+    """Metrics and log fields of one relayed Messages call; flags a hit that read nothing."""
+    metrics = app[METRICS]
+    metrics.upstream_ttfb.labels("/v1/messages").observe(relayed.ttfb)
+    metrics.upstream_total.labels("/v1/messages").observe(relayed.total)
+    fields.update(upstream_request_id=relayed.request_id, upstream_ttfb_ms=round(relayed.ttfb * 1000, 2),
+                  upstream_ms=round(relayed.total * 1000, 2))
+    if relayed.broken:
+        fields["broken"] = True
+    usage = relayed.usage
+    if usage is None:
+        return
+    fields.update(model=relayed.model, usage=usage.as_dict())
+    metrics.usage(usage, relayed.model, verdict.tenant)
+    if verdict.outcome in (HIT, HELD) and usage.cache_read == 0:
+        metrics.warm_mismatch()
+        fields["mismatch"] = True
+        log.warning(
+            "prefix %s was %s but the response read no cache: the prompt may be under the model's minimum, "
+            "or differ from the warm before its breakpoint",
+            verdict.prefix, verdict.outcome,
+        )
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Every path that is not the proxy's own goes upstream untouched."""
     raw = await request.read()
-    return await request.app[FORWARDER].forward(request, raw)
+    relayed = await request.app[FORWARDER].forward(request, raw)
+    assert relayed.response is not None
+    return relayed.response
 
 
 async def prewarm(request: web.Request) -> web.Response:
@@ -113,14 +192,17 @@ async def prewarm(request: web.Request) -> web.Response:
     except PrefixError as exc:
         raise InvalidRequest(str(exc)) from None
 
+    request[LOG]["tenant"] = tenant
     warmer = app[WARMER]
     warmer.limits.acquire(tenant)
     warm, started = await app[REGISTRY].begin(tenant, parsed)
     if started:
+        warm.model = body["model"]
         warmer.start(warm, body, upstream_request_headers(request.headers))
     else:
         warmer.limits.release(tenant, started=False)
 
+    request[LOG].update(prefix=warm.prefix, outcome="prewarm-sent" if started else "prewarm-deduplicated")
     status = 202
     if request.query.get("wait") in ("1", "true", "yes"):
         await warm.wait(settings.warm_timeout)
@@ -146,6 +228,37 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format."""
+    app = request.app
+    app[METRICS].registry_entries.set(len(app[REGISTRY]))
+    return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _status_data(app: web.Application) -> dict[str, Any]:
+    return status.payload(
+        uptime=time.monotonic() - app[STARTED],
+        summary=app[METRICS].summary(),
+        registry=app[REGISTRY].snapshot(),
+        held=app[HOLDER].held,
+        warms_in_flight=app[WARMER].in_flight,
+    )
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """``GET /status.json``: what the status page shows, as JSON."""
+    status.check_admin(request, request.app[SETTINGS].admin_token)
+    return _json(_status_data(request.app))
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """``GET /status``: a self-refreshing HTML page; no external assets."""
+    status.check_admin(request, request.app[SETTINGS].admin_token)
+    return web.Response(text=status.PAGE, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness and a little state, never secrets."""
     app = request.app
@@ -164,9 +277,18 @@ async def healthz(request: web.Request) -> web.Response:
 # --- the factory ----------------------------------------------------------------------------------
 def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
     """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one)."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[access_middleware, error_middleware]
+    )
     app[SETTINGS] = settings
     app[STARTED] = time.monotonic()
+    metrics = Metrics(
+        tenant_label=settings.metrics_tenant_label,
+        pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},
+    )
+    app[METRICS] = metrics
+    timers: set[asyncio.TimerHandle] = set()
+    app[TIMERS] = timers
     reg: Registry = registry or MemoryRegistry(
         max_entries=settings.registry_max_entries,
         warm_timeout=settings.warm_timeout,
@@ -174,12 +296,29 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         rewarm_margin=settings.rewarm_margin,
     )
     app[REGISTRY] = reg
-    app[HOLDER] = Holder(
+    holder = Holder(
         reg,
         max_hold=settings.max_hold,
         limits=HoldLimits(settings.max_held_total, settings.max_held_per_tenant),
         volatile_prefixes=settings.volatile_system_prefixes,
     )
+    app[HOLDER] = holder
+    metrics.held.set_function(lambda: holder.held)
+
+    def on_settled(warm: Warm, result: WarmResult) -> None:
+        metrics.warm_settled(str(result.state), result.mode, warm.tenant)
+        if result.usage:
+            metrics.usage(Usage.from_api(result.usage), warm.model, warm.tenant)
+        if result.state is State.WARM:
+            # A warm nobody used before its TTL ran out was money spent for nothing: count it.
+            def check() -> None:
+                timers.discard(handle)
+                if warm.uses == 0:
+                    metrics.warm_wasted()
+
+            delay = max(0.0, warm.started_at + warm.ttl - time.monotonic())
+            handle = asyncio.get_running_loop().call_later(delay, check)
+            timers.add(handle)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
@@ -202,8 +341,11 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             reg,
             warm_timeout=settings.warm_timeout,
             limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant),
+            on_settled=on_settled,
         )
         yield
+        for handle in timers:
+            handle.cancel()
         # Shutdown, in order: stop background warms (they settle as failed, releasing holders),
         # close the registry, then the pooled upstream connections.
         await app[WARMER].close()
@@ -216,13 +358,14 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app.router.add_get("/prewarm/{prefix}", prewarm_state)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
     app.router.add_route("*", "/{tail:.*}", passthrough)
     return app
 
 
 def serve(settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     serve_forever(lambda: create_app(settings), settings.host, settings.port, banner="specproxy")

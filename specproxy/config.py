@@ -73,6 +73,9 @@ class Settings:
     # --- observability ---
     metrics_tenant_label: bool = _f(False, "label metrics with the credential digest (never the credential)")
     admin_token: str = _f("", "token required by /status and /status.json when set", secret=True)
+    pricing: tuple[tuple[str, float, float], ...] = _f(
+        (), 'price overrides, $ per million tokens: [["model-prefix", input, output], ...] (built-ins otherwise)'
+    )
     # --- credentials ---
     upstream_api_key: str = _f(
         "", "injection mode: the key the proxy sends upstream (env SPECPROXY_UPSTREAM_API_KEY only)",
@@ -97,7 +100,7 @@ class Settings:
                 value = REDACTED if value else value
             elif f.metadata.get("secret_url"):
                 value = redact_url(value)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            out[f.name] = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
         return out
 
 
@@ -126,7 +129,9 @@ def _describe(name: str) -> str:
     if "max" in meta:
         bounds += f" <= {meta['max']}"
     kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint)
-    if kind is None:
+    if name == "pricing":
+        kind = 'a list of ["model-prefix", input $/MTok, output $/MTok] rows (JSON in env vars)'
+    elif kind is None:
         kind = "a list of strings (comma-separated in env vars)"
     return kind + bounds
 
@@ -171,12 +176,33 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         if not isinstance(raw, str):
             raise bad()
         return raw
+    if name == "pricing":
+        return _convert_pricing(raw, bad)
     # tuple[str, ...]
     if isinstance(raw, str):
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
         return tuple(raw)
     raise bad()
+
+
+def _convert_pricing(raw: Any, bad: Any) -> tuple[tuple[str, float, float], ...]:
+    if isinstance(raw, str):
+        import json
+
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise bad() from None
+    if not isinstance(raw, list):
+        raise bad()
+    out: list[tuple[str, float, float]] = []
+    for row in raw:
+        ok = isinstance(row, (list, tuple)) and len(row) == 3 and isinstance(row[0], str)
+        if not ok or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in row[1:]):
+            raise bad()
+        out.append((row[0], float(row[1]), float(row[2])))
+    return tuple(out)
 
 
 def default_config_path(env: Mapping[str, str]) -> Path | None:

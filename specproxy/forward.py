@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -18,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from specproxy.errors import UpstreamTimeout, UpstreamUnavailable
+from specproxy.usage import Usage, UsageTap
 
 log = logging.getLogger("specproxy.forward")
 
@@ -40,7 +43,20 @@ _REQUEST_DROP: Final = HOP_BY_HOP | {"host", "content-length"}
 # Never let the client library invent headers the client did not send.
 SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
-ChunkObserver = Callable[[bytes], None]
+
+
+@dataclass(slots=True)
+class Relayed:
+    """What one relay did: the response sent, upstream timings, and the usage read on the way."""
+
+    status: int
+    ttfb: float
+    total: float = 0.0
+    response: web.StreamResponse | None = None
+    request_id: str | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    broken: bool = False
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
@@ -86,15 +102,16 @@ class Forwarder:
         body: bytes,
         *,
         extra_headers: Mapping[str, str] | None = None,
-        observe: ChunkObserver | None = None,
-    ) -> web.StreamResponse:
+        tap_usage: bool = False,
+    ) -> Relayed:
         """Send ``request`` (with its original ``body`` bytes) upstream and relay the response.
 
-        ``extra_headers`` are added to the response (the ``X-Cache-Warm*`` contract); ``observe``
-        sees each response chunk as it passes (usage accounting), without buffering.
+        ``extra_headers`` are added to the response (the ``X-Cache-Warm*`` contract); with
+        ``tap_usage`` the response's token usage is read as it passes, without buffering the stream.
         """
         url = self._base + request.rel_url.raw_path_qs
         headers = upstream_request_headers(request.headers)
+        start = time.monotonic()
         try:
             resp = await self._session.request(
                 request.method,
@@ -108,8 +125,16 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise translate_client_error(exc, self.upstream_label) from exc
 
+        relayed = Relayed(status=resp.status, ttfb=time.monotonic() - start)
+        relayed.request_id = resp.headers.get("request-id")
+        tap = (
+            UsageTap(resp.headers.get("content-type", ""), resp.headers.get("content-encoding", ""))
+            if tap_usage and resp.status == 200
+            else None
+        )
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            relayed.response = out
             listed = _connection_tokens(resp.headers)
             for name, value in resp.headers.items():
                 low = name.lower()
@@ -121,22 +146,27 @@ class Forwarder:
             await out.prepare(request)
             try:
                 async for chunk in resp.content.iter_any():
-                    if observe is not None:
-                        observe(chunk)
+                    if tap is not None:
+                        tap.feed(chunk)
                     await out.write(chunk)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                # The upstream broke after the status went out: the client must see a broken
+                # The stream broke after the status went out: the client must see a broken
                 # response, not a silently short one. Drop the connection as the upstream did.
                 log.warning("stream broke mid-response: %s", type(exc).__name__)
+                relayed.broken = True
                 resp.close()
                 if request.transport is not None:
                     request.transport.close()
-                return out
+                return relayed
             await out.write_eof()
-            return out
+            if tap is not None:
+                relayed.usage = tap.finish()
+                relayed.model = tap.model
+            return relayed
         except asyncio.CancelledError:
             # The client went away: close the upstream connection too, rather than pooling it.
             resp.close()
             raise
         finally:
+            relayed.total = time.monotonic() - start
             resp.release()

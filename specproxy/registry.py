@@ -48,6 +48,7 @@ class Warm:
     uses: int = 0
     last_used: float | None = None
     usage: dict[str, Any] | None = None
+    model: str | None = None
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -126,6 +127,9 @@ class Registry(Protocol):
 
     def snapshot(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Public view of live warms (optionally one tenant's), newest first."""
+
+    def __len__(self) -> int:
+        """Live entries (this replica's view)."""
 
     async def close(self) -> None:
         """Release resources."""

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +130,9 @@ class Warmer:
         *,
         warm_timeout: float,
         limits: TenantWarmLimits,
+        on_settled: Callable[[Warm, WarmResult], None] | None = None,
     ) -> None:
+        self._on_settled = on_settled
         self._session = session
         self._url = upstream.rstrip("/") + "/v1/messages"
         self._registry = registry
@@ -171,6 +173,8 @@ class Warmer:
             self.results.append(result)
             self.limits.release(warm.tenant)
             await self._registry.settle(warm, result.state, error=result.error)
+            if self._on_settled is not None:
+                self._on_settled(warm, result)
             log.debug("warm %s settled %s (max_tokens %s)", warm.prefix, result.state, result.mode)
 
     async def _send(self, body: Mapping[str, Any], headers: CIMultiDict[str], mode: str) -> WarmResult:

@@ -1,0 +1,115 @@
+"""Reading ``usage`` from a response as it is relayed, without holding the stream back.
+
+Streaming: ``message_start`` carries the input usage (cache counters included) and the final
+``message_delta`` the cumulative counts. Non-streaming: the JSON body's ``usage``; a copy of the
+body is kept (bounded) only until the response ends. Compressed bodies are inflated on the copy.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from specproxy.sse import SSEReader
+
+MAX_JSON_COPY: Final = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one response, by kind."""
+
+    input: int = 0
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+
+    @classmethod
+    def from_api(cls, usage: dict[str, Any]) -> Usage:
+        created = int(usage.get("cache_creation_input_tokens") or 0)
+        split = usage.get("cache_creation") or {}
+        w1h = int(split.get("ephemeral_1h_input_tokens") or 0) if isinstance(split, dict) else 0
+        return cls(
+            input=int(usage.get("input_tokens") or 0),
+            cache_read=int(usage.get("cache_read_input_tokens") or 0),
+            cache_write_5m=max(0, created - w1h),
+            cache_write_1h=w1h,
+            output=int(usage.get("output_tokens") or 0),
+        )
+
+    def merge_delta(self, usage: dict[str, Any]) -> None:
+        """Apply a ``message_delta`` usage: counts there are cumulative, and may repeat input ones."""
+        merged = Usage.from_api(usage)
+        self.output = merged.output or self.output
+        if "input_tokens" in usage and usage["input_tokens"] is not None:
+            self.input = merged.input
+        if usage.get("cache_read_input_tokens") is not None:
+            self.cache_read = merged.cache_read
+        if usage.get("cache_creation_input_tokens") is not None:
+            self.cache_write_5m, self.cache_write_1h = merged.cache_write_5m, merged.cache_write_1h
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input": self.input,
+            "cache_read": self.cache_read,
+            "cache_write_5m": self.cache_write_5m,
+            "cache_write_1h": self.cache_write_1h,
+            "output": self.output,
+        }
+
+
+class UsageTap:
+    """Fed every chunk of a Messages response (``feed``); ``finish`` returns its usage, or None."""
+
+    __slots__ = ("_inflate", "_json", "_size", "_sse", "model", "usage")
+
+    def __init__(self, content_type: str, content_encoding: str) -> None:
+        self._sse = SSEReader() if content_type.startswith("text/event-stream") else None
+        enc = content_encoding.lower().strip()
+        # wbits 47: zlib or gzip header, detected; raw deflate is rare from HTTP servers.
+        self._inflate = zlib.decompressobj(47) if enc in ("gzip", "deflate", "x-gzip") else None
+        self._json: list[bytes] | None = None if self._sse else []
+        self._size = 0
+        self.usage: Usage | None = None
+        self.model: str | None = None
+        if enc not in ("", "identity", "gzip", "deflate", "x-gzip"):
+            self._sse = None
+            self._json = None  # br/zstd: not read
+
+    def feed(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._sse = self._json = self._inflate = None
+                return
+        if self._sse is not None:
+            for event, data in self._sse.feed(chunk):
+                if event == "message_start":
+                    message = orjson.loads(data).get("message") or {}
+                    self.model = message.get("model")
+                    self.usage = Usage.from_api(message.get("usage") or {})
+                elif event == "message_delta" and self.usage is not None:
+                    self.usage.merge_delta(orjson.loads(data).get("usage") or {})
+        elif self._json is not None:
+            self._size += len(chunk)
+            if self._size > MAX_JSON_COPY:
+                self._json = None
+            else:
+                self._json.append(chunk)
+
+    def finish(self) -> Usage | None:
+        if self._json is not None:
+            try:
+                data = orjson.loads(b"".join(self._json))
+            except orjson.JSONDecodeError:
+                return None
+            self._json = None
+            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                self.model = data.get("model")
+                self.usage = Usage.from_api(data["usage"])
+        return self.usage
