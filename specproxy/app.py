@@ -46,7 +46,7 @@ WARMER = web.AppKey("warmer", Warmer)
 STARTED = web.AppKey("started", float)
 METRICS = web.AppKey("metrics", Metrics)
 TIMERS = web.AppKey("timers", set)  # wasted-warm checks, cancelled at shutdown
-LOG: Final = "specproxy.log"  # request key: the fields of this request's log line
+LOG = web.RequestKey("log", dict)  # the fields of this request's log line
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

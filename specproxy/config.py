@@ -181,7 +181,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     # tuple[str, ...]
     if isinstance(raw, str):
         return tuple(s.strip() for s in raw.split(",") if s.strip())
-    if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+    if isinstance(raw, (list, tuple)) and all(isinstance(s, str) for s in raw):
         return tuple(raw)
     raise bad()
 
@@ -194,7 +194,7 @@ def _convert_pricing(raw: Any, bad: Any) -> tuple[tuple[str, float, float], ...]
             raw = json.loads(raw)
         except ValueError:
             raise bad() from None
-    if not isinstance(raw, list):
+    if not isinstance(raw, (list, tuple)):
         raise bad()
     out: list[tuple[str, float, float]] = []
     for row in raw:
@@ -218,6 +218,7 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    read_default_file: bool = True,
 ) -> Settings:
     """Build the settings: defaults < file < ``SPECPROXY_*`` env < ``overrides`` (flags).
 
@@ -226,7 +227,7 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
 
-    path = Path(config_file) if config_file else default_config_path(env)
+    path = Path(config_file) if config_file else (default_config_path(env) if read_default_file else None)
     if path is not None:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))

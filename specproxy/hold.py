@@ -37,8 +37,19 @@ _AT_ONCE_OUTCOME: Final = {State.WARM: HIT, State.UNCACHEABLE: UNCACHEABLE, Stat
 
 
 def credential(headers: Mapping[str, str]) -> str | None:
-    """The credential a request presents (``x-api-key``, else ``authorization``), or None."""
-    return headers.get("x-api-key") or headers.get("authorization") or None
+    """The credential a request presents: ``x-api-key``, else the token of ``authorization: Bearer``.
+
+    The same key sent either way (SDKs differ; ``ANTHROPIC_AUTH_TOKEN`` sends a bearer token) is one
+    tenant, so the scheme is stripped before the key is digested.
+    """
+    key = headers.get("x-api-key")
+    if key:
+        return key
+    auth = headers.get("authorization")
+    if not auth:
+        return None
+    scheme, _, token = auth.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else auth
 
 
 @dataclass(slots=True)
