@@ -281,11 +281,13 @@ async def test_upstream_unreachable_is_502_api_error(http: aiohttp.ClientSession
 
 
 async def test_upstream_silence_is_504_timeout_error(sim: SimHandle, http: aiohttp.ClientSession) -> None:
-    async with run_proxy(sim.url, upstream_read_timeout=0.3) as proxy:
-        async with http.post(proxy.url + "/v1/messages", data=orjson.dumps(question_body()),
-                             headers=headers(**{"x-sim-fault": "stall"})) as r:
-            assert r.status == 504
-            assert (await r.json())["error"]["type"] == "timeout_error"
+    async with (
+        run_proxy(sim.url, upstream_read_timeout=0.3) as proxy,
+        http.post(proxy.url + "/v1/messages", data=orjson.dumps(question_body()),
+                  headers=headers(**{"x-sim-fault": "stall"})) as r,
+    ):
+        assert r.status == 504
+        assert (await r.json())["error"]["type"] == "timeout_error"
 
 
 # --- /prewarm input errors ------------------------------------------------------------------------
