@@ -19,6 +19,7 @@ from aiohttp import web
 
 from specproxy import __version__, logs, status
 from specproxy.config import Settings
+from specproxy.credentials import Credentials, presented
 from specproxy.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -27,7 +28,7 @@ from specproxy.errors import (
     from_http_exception,
 )
 from specproxy.forward import Forwarder, Relayed, upstream_request_headers
-from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict, credential
+from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict
 from specproxy.metrics import DEFAULT_PRICING, Metrics
 from specproxy.prefix import PrefixError, compute, tenant_digest, with_implicit_breakpoint
 from specproxy.registry import MemoryRegistry, Registry, State, Warm
@@ -45,6 +46,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 WARMER = web.AppKey("warmer", Warmer)
 STARTED = web.AppKey("started", float)
 METRICS = web.AppKey("metrics", Metrics)
+CREDENTIALS = web.AppKey("credentials", Credentials)
 TIMERS = web.AppKey("timers", set)  # wasted-warm checks, cancelled at shutdown
 LOG = web.RequestKey("log", dict)  # the fields of this request's log line
 
@@ -113,7 +115,8 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
 
 
 def _require_credential(request: web.Request) -> str:
-    cred = credential(request.headers)
+    request.app[CREDENTIALS].check(request.headers)
+    cred = presented(request.headers)
     if cred is None:
         raise AuthenticationFailed("x-api-key header is required")
     return tenant_digest(cred)
@@ -123,6 +126,7 @@ def _require_credential(request: web.Request) -> str:
 async def messages(request: web.Request) -> web.StreamResponse:
     """``POST /v1/messages``: route (maybe hold), then forward the original bytes."""
     app = request.app
+    app[CREDENTIALS].check(request.headers)
     raw = await request.read()
     fields = request[LOG]
     verdict = await app[HOLDER].route(request.headers, raw)
@@ -166,6 +170,7 @@ def _account(app: web.Application, verdict: Verdict, relayed: Relayed, fields: d
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Every path that is not the proxy's own goes upstream untouched."""
+    request.app[CREDENTIALS].check(request.headers)
     raw = await request.read()
     relayed = await request.app[FORWARDER].forward(request, raw)
     assert relayed.response is not None
@@ -198,7 +203,7 @@ async def prewarm(request: web.Request) -> web.Response:
     warm, started = await app[REGISTRY].begin(tenant, parsed)
     if started:
         warm.model = body["model"]
-        warmer.start(warm, body, upstream_request_headers(request.headers))
+        warmer.start(warm, body, app[CREDENTIALS].to_upstream(upstream_request_headers(request.headers)))
     else:
         warmer.limits.release(tenant, started=False)
 
@@ -287,6 +292,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},
     )
     app[METRICS] = metrics
+    credentials = Credentials(settings.upstream_api_key, settings.client_tokens)
+    app[CREDENTIALS] = credentials
     timers: set[asyncio.TimerHandle] = set()
     app[TIMERS] = timers
     reg: Registry = registry or MemoryRegistry(
@@ -334,6 +341,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             settings.upstream,
             read_timeout=settings.upstream_read_timeout,
             connect_timeout=settings.upstream_connect_timeout,
+            credentials=credentials,
         )
         app[WARMER] = Warmer(
             session,
@@ -352,7 +360,13 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         await reg.close()
         await session.close()
 
+    async def release_held(app: web.Application) -> None:
+        # Shutdown step 2 (after the listener closed): held requests go upstream now, not dropped;
+        # the runner then lets open streams finish for up to `drain_timeout`.
+        holder.drain()
+
     app.cleanup_ctx.append(upstream_ctx)
+    app.on_shutdown.append(release_held)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/prewarm", prewarm)
     app.router.add_get("/prewarm/{prefix}", prewarm_state)
@@ -368,4 +382,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
 def serve(settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
     logs.configure(settings.log_level, settings.log_format)
-    serve_forever(lambda: create_app(settings), settings.host, settings.port, banner="specproxy")
+    serve_forever(
+        lambda: create_app(settings), settings.host, settings.port, banner="specproxy",
+        shutdown_timeout=settings.drain_timeout,
+    )

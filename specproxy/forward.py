@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from specproxy.credentials import Credentials
 from specproxy.errors import UpstreamTimeout, UpstreamUnavailable
 from specproxy.usage import Usage, UsageTap
 
@@ -90,7 +91,16 @@ def translate_client_error(exc: BaseException, upstream: str) -> UpstreamUnavail
 class Forwarder:
     """Relays one request upstream over the process's pooled session and streams the answer back."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream: str, *, read_timeout: float, connect_timeout: float):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: str,
+        *,
+        read_timeout: float,
+        connect_timeout: float,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self._credentials = credentials or Credentials()
         self._session = session
         self._base = upstream.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
@@ -110,7 +120,7 @@ class Forwarder:
         ``tap_usage`` the response's token usage is read as it passes, without buffering the stream.
         """
         url = self._base + request.rel_url.raw_path_qs
-        headers = upstream_request_headers(request.headers)
+        headers = self._credentials.to_upstream(upstream_request_headers(request.headers))
         start = time.monotonic()
         try:
             resp = await self._session.request(

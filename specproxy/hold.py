@@ -15,8 +15,9 @@ from typing import Any, Final
 
 import orjson
 
+from specproxy.credentials import presented as credential
 from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, prefix_id, tenant_digest
-from specproxy.registry import Registry, State
+from specproxy.registry import Registry, State, Warm
 
 HEADER: Final = "X-Cache-Warm"
 HEADER_WAIT: Final = "X-Cache-Warm-Wait-Ms"
@@ -30,26 +31,10 @@ FAILED: Final = "failed"  # the matched warm failed; went at once
 UNCACHEABLE: Final = "uncacheable"  # the matched warm wrote nothing (under the minimum)
 MISS: Final = "miss"  # cacheable, nothing matched
 BYPASS: Final = "bypass"  # no breakpoint, not JSON, no credential, or not a Messages call
-UNHELD: Final = "unheld"  # matched a warming prefix, but the hold limits were full: went at once
+UNHELD: Final = "unheld"  # matched a warming prefix but went at once: hold limits full, or shutting down
 
 _SETTLED_OUTCOME: Final = {State.WARM: HELD, State.UNCACHEABLE: UNCACHEABLE, State.FAILED: FAILED}
 _AT_ONCE_OUTCOME: Final = {State.WARM: HIT, State.UNCACHEABLE: UNCACHEABLE, State.FAILED: FAILED}
-
-
-def credential(headers: Mapping[str, str]) -> str | None:
-    """The credential a request presents: ``x-api-key``, else the token of ``authorization: Bearer``.
-
-    The same key sent either way (SDKs differ; ``ANTHROPIC_AUTH_TOKEN`` sends a bearer token) is one
-    tenant, so the scheme is stripped before the key is digested.
-    """
-    key = headers.get("x-api-key")
-    if key:
-        return key
-    auth = headers.get("authorization")
-    if not auth:
-        return None
-    scheme, _, token = auth.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else auth
 
 
 @dataclass(slots=True)
@@ -114,6 +99,8 @@ class Holder:
         self._max_hold = max_hold
         self._limits = limits
         self._volatile = tuple(volatile_prefixes)
+        self._waiting: dict[Warm, int] = {}
+        self.draining = False
 
     def identify(self, headers: Mapping[str, str], raw: bytes) -> Verdict:
         """Parse and hash: a ``bypass`` verdict, or one carrying the prefix to match (outcome ``miss``)."""
@@ -154,17 +141,21 @@ class Holder:
             return verdict
 
         tenant = verdict.tenant
-        if not self._limits.try_acquire(tenant):
+        if self.draining or not self._limits.try_acquire(tenant):
             verdict.outcome = UNHELD
             return verdict
         start = time.monotonic()
+        self._waiting[warm] = self._waiting.get(warm, 0) + 1
         try:
-            settled = await warm.wait(self._max_hold)
+            await warm.wait(self._max_hold)
         finally:
             self._limits.release(tenant)
+            left = self._waiting.pop(warm) - 1
+            if left:
+                self._waiting[warm] = left
             verdict.wait_ms = int((time.monotonic() - start) * 1000)
-        if not settled:
-            verdict.outcome = TIMEOUT
+        if warm.state is State.WARMING:  # max_hold passed, or released by drain()
+            verdict.outcome = UNHELD if self.draining else TIMEOUT
             return verdict
         verdict.outcome = _SETTLED_OUTCOME[warm.state]
         if warm.state is State.WARM:
@@ -174,3 +165,9 @@ class Holder:
     @property
     def held(self) -> int:
         return self._limits.total
+
+    def drain(self) -> None:
+        """Shutting down: release every held request to the upstream now, and hold no more."""
+        self.draining = True
+        for warm in list(self._waiting):
+            warm.release_waiters()

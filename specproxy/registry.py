@@ -66,6 +66,10 @@ class Warm:
             return False
         return True
 
+    def release_waiters(self) -> None:
+        """Wake everyone waiting without settling (shutdown): they see the state still ``warming``."""
+        self._settled.set()
+
     def as_json(self, now: float, expires_at: float | None = None) -> dict[str, Any]:
         """Public view: ids, state and times only; never content or credentials."""
         out: dict[str, Any] = {

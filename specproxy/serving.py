@@ -10,7 +10,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,13 +32,15 @@ class Running:
         return f"http://{host}:{self.port}"
 
 
-async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> Running:
+async def start(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 60.0
+) -> Running:
     """Start ``app`` on ``host:port`` (0 picks a free port) and return where it listens.
 
     ``handler_cancellation`` is on: a client that disconnects cancels its handler, which is how a
     held request learns that nobody is waiting for it any more (nothing is then sent upstream).
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=2048)
     await site.start()
@@ -73,14 +75,20 @@ def serve_forever(
     port: int,
     *,
     banner: str,
-    on_stop: Callable[[web.Application], Awaitable[None]] | None = None,
+    shutdown_timeout: float = 60.0,
 ) -> None:
-    """Run an app until SIGINT/SIGTERM. ``on_stop`` runs first (graceful drain), then cleanup."""
+    """Run an app until SIGINT/SIGTERM, then shut down gracefully.
+
+    Shutdown, in aiohttp's runner order: 1. stop accepting (the listener closes); 2. the app's
+    ``on_shutdown`` hooks run (the proxy releases held requests upstream); 3. in-flight handlers,
+    open streams included, get up to ``shutdown_timeout`` seconds; 4. ``cleanup_ctx`` closes the
+    rest (background warms, the registry, pooled upstream connections).
+    """
     install_uvloop()
 
     async def main() -> None:
         app = make_app()
-        r = await start(app, host, port)
+        r = await start(app, host, port, shutdown_timeout=shutdown_timeout)
         print(f"{banner} listening on {r.url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -88,9 +96,7 @@ def serve_forever(
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down")
-        if on_stop is not None:
-            await on_stop(app)
+        log.info("shutting down: no new connections; releasing held requests; draining streams")
         await r.runner.cleanup()
 
     asyncio.run(main())
