@@ -165,7 +165,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             value = hint(raw) if not (hint is int and isinstance(raw, float)) else None
         except (TypeError, ValueError):
             raise bad() from None
-        if value is None:
+        if value is None or value != value or value in (float("inf"), float("-inf")):  # NaN, infinities
             raise bad()
         if "min" in meta and value < meta["min"]:
             raise bad()

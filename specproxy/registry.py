@@ -162,7 +162,9 @@ class MemoryRegistry:
         self._by_id: TTLCache[str, tuple[Warm, bytes]] = TTLCache(
             maxsize=max_entries, ttl=TTL_SECONDS["1h"] + warm_timeout, timer=clock
         )
-        self._keys_of: dict[int, list[bytes]] = {}
+        # The entries each unsettled warm registered; settle re-inserts them even if they expired
+        # meanwhile (a warm that times out settles exactly when its warming entry runs out).
+        self._keys_of: dict[int, list[tuple[bytes, Entry]]] = {}
 
     # -- lookups ---------------------------------------------------------------------------------
     async def match(self, prefix: Prefix) -> Match | None:
@@ -214,15 +216,16 @@ class MemoryRegistry:
             started_at=now,
             ttl=ttl,
         )
-        keys: list[bytes] = []
+        keys: list[tuple[bytes, Entry]] = []
         for bp in prefix.breakpoints:
             key = prefix.key(bp.position)
             current = self._entries.get(key)
             # Do not turn a live warm entry at an earlier breakpoint back into a held one.
             if current is not None and current.warm.state is State.WARM and not self._worth_rewarming(current, now):
                 continue
-            self._entries[key] = Entry(warm, bp.position, TTL_SECONDS[bp.ttl], now + self._warm_timeout)
-            keys.append(key)
+            entry = Entry(warm, bp.position, TTL_SECONDS[bp.ttl], now + self._warm_timeout)
+            self._entries[key] = entry
+            keys.append((key, entry))
         self._keys_of[id(warm)] = keys
         self._by_id[warm.prefix] = (warm, prefix.key(last.position))
         return warm, True
@@ -240,10 +243,10 @@ class MemoryRegistry:
         warm.state = state
         warm.settled_at = now
         warm.error = error
-        for key in self._keys_of.pop(id(warm), ()):
-            entry = self._entries.get(key)
-            if entry is None or entry.warm is not warm:
-                continue
+        for key, entry in self._keys_of.pop(id(warm), ()):
+            current = self._entries.get(key)
+            if current is not None and current is not entry:
+                continue  # a newer warm took this key over
             if state is State.FAILED:
                 entry.expires_at = now + self._failed_ttl
             else:
