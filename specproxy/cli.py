@@ -86,13 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="standard vs speculative prompt caching, side by side")
     p.add_argument("--time-scale", dest="time_scale", type=float, default=1.0,
-                   help="simulator speed: 0.02 runs the demo fifty times faster")
-    p.add_argument("--upstream", help="run against this API instead of the built-in simulator")
-    p.add_argument("--model", default=None, help="model to ask")
+                   help="simulator speed: 0.02 runs the demo fifty times faster (ignored with --upstream)")
+    p.add_argument("--upstream", help="run against this API (needs ANTHROPIC_API_KEY) instead of the simulator")
+    p.add_argument("--model", default=None, help="model to ask (default claude-sonnet-4-6)")
     p.add_argument("--context-tokens", dest="context_tokens", type=int, default=150_000,
-                   help="approximate size of the context to load")
+                   help="approximate size of the context to load (default 150000)")
     p.add_argument("--typing-seconds", dest="typing_seconds", type=float, default=None,
-                   help="simulated typing time before the question is sent")
+                   help="simulated typing time before the question is sent (default 25: enough for the warm "
+                        "of 150k tokens to finish; less shows a held question)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="run the benchmarks (source checkout only)")
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"specproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the simulator's ProfileError, and other bad values from files
+        if type(exc).__name__ != "ProfileError":
+            raise
+        print(f"specproxy sim: profile error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
