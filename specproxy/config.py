@@ -89,6 +89,11 @@ class Settings:
     next_turn: bool = _f(False, "after each response, warm the conversation extended with the reply")
     keep_warm: bool = _f(False, "re-warm recently used prefixes before their TTL runs out")
     keep_warm_idle: float = _f(900.0, "keep-warm stops after a prefix is unused this many seconds", min=0)
+    keep_warm_margin: float = _f(30.0, "keep-warm re-warms this many seconds before the TTL runs out", min=0.001)
+    keep_warm_max_per_tenant: int = _f(20, "prefixes kept warm at once per credential", min=0)
+    speculation_body_bytes: int = _f(
+        64 * 1024 * 1024, "bytes of request bodies kept for keep-warm and next-turn re-sends (oldest dropped)", min=0
+    )
     inject_breakpoints: bool = _f(False, "add cache_control to requests without one that match a warm")
 
     def public_dict(self) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,7 @@ class Relayed:
     request_id: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    content: list[dict[str, Any]] | None = None
     broken: bool = False
 
 
@@ -113,11 +114,16 @@ class Forwarder:
         *,
         extra_headers: Mapping[str, str] | None = None,
         tap_usage: bool = False,
+        collect_content: bool = False,
+        on_started: Callable[[Usage | None], Awaitable[None]] | None = None,
     ) -> Relayed:
-        """Send ``request`` (with its original ``body`` bytes) upstream and relay the response.
+        """Send ``request`` with ``body`` (the client's original bytes) upstream and relay the response.
 
         ``extra_headers`` are added to the response (the ``X-Cache-Warm*`` contract); with
-        ``tap_usage`` the response's token usage is read as it passes, without buffering the stream.
+        ``tap_usage`` the response's token usage is read as it passes, without buffering the stream
+        (``collect_content`` also rebuilds the reply's content blocks). ``on_started`` is awaited
+        once, as soon as the upstream response has begun and its input usage is known: at
+        ``message_start`` for a stream, when the body is complete otherwise.
         """
         url = self._base + request.rel_url.raw_path_qs
         headers = self._credentials.to_upstream(upstream_request_headers(request.headers))
@@ -138,7 +144,11 @@ class Forwarder:
         relayed = Relayed(status=resp.status, ttfb=time.monotonic() - start)
         relayed.request_id = resp.headers.get("request-id")
         tap = (
-            UsageTap(resp.headers.get("content-type", ""), resp.headers.get("content-encoding", ""))
+            UsageTap(
+                resp.headers.get("content-type", ""),
+                resp.headers.get("content-encoding", ""),
+                collect_content=collect_content,
+            )
             if tap_usage and resp.status == 200
             else None
         )
@@ -158,6 +168,9 @@ class Forwarder:
                 async for chunk in resp.content.iter_any():
                     if tap is not None:
                         tap.feed(chunk)
+                        if on_started is not None and tap.usage is not None:
+                            callback, on_started = on_started, None
+                            await callback(tap.usage)
                     await out.write(chunk)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 # The stream broke after the status went out: the client must see a broken
@@ -172,6 +185,9 @@ class Forwarder:
             if tap is not None:
                 relayed.usage = tap.finish()
                 relayed.model = tap.model
+                relayed.content = tap.content
+                if on_started is not None and relayed.usage is not None:
+                    await on_started(relayed.usage)
             return relayed
         except asyncio.CancelledError:
             # The client went away: close the upstream connection too, rather than pooling it.

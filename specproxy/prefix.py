@@ -43,6 +43,10 @@ class Prefix:
     chain: tuple[bytes, ...]  # chain[i] identifies items[0..i]
     breakpoints: tuple[Breakpoint, ...]
     item_count: int
+    # Where item i sits in the body: ("tools", i, -1), ("system", i, -1) or ("messages", m, b);
+    # -1 for b (or i) when the content (or system) is a plain string.
+    locations: tuple[tuple[str, int, int], ...] = ()
+    cacheable: frozenset[int] = frozenset()  # positions that may carry a breakpoint
 
     def key(self, position: int) -> bytes:
         return self.chain[position]
@@ -134,6 +138,8 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         raise PrefixError("system: Input should be a valid string or list")
 
     chain: list[bytes] = []
+    locations: list[tuple[str, int, int]] = []
+    cacheable_positions: set[int] = set()
     breakpoints: list[Breakpoint] = []
     eligible_last: int = -1  # last item that may carry an automatic breakpoint
     has_image = False
@@ -142,30 +148,32 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
     # level starts, so changing one leaves earlier levels' values untouched.
     h = xxhash.xxh3_128_digest(orjson.dumps(["ns", tenant, model]))
 
-    def push(block: Any, tag: bytes, cacheable: bool) -> None:
+    def push(block: Any, tag: bytes, cacheable: bool, where: tuple[str, int, int], volatile: bool = False) -> None:
         nonlocal h, eligible_last
-        h = xxhash.xxh3_128_digest(h + tag + _canonical(block))
+        if not volatile:  # a volatile block keeps its position (lookback counts it) but adds no identity
+            h = xxhash.xxh3_128_digest(h + tag + _canonical(block))
         chain.append(h)
+        locations.append(where)
         pos = len(chain) - 1
         if cacheable:
             eligible_last = pos
+            cacheable_positions.add(pos)
         cc = block.get("cache_control") if isinstance(block, dict) else None
         if cc is not None:
             if not cacheable:
                 raise PrefixError(f"cache_control cannot be set on item {pos} (thinking or empty text)")
             breakpoints.append(Breakpoint(pos, _ttl_of(cc)))
 
-    for tool in tools:
-        push(tool, b"t", True)
+    for i, tool in enumerate(tools):
+        push(tool, b"t", True, ("tools", i, -1))
 
     system_params = {k: body[k] for k in ("speed",) if k in body}
     h = xxhash.xxh3_128_digest(h + b"S" + orjson.dumps(system_params, option=orjson.OPT_SORT_KEYS))
-    for block in system_blocks:
-        if _is_volatile(block, volatile_prefixes):
-            continue
-        push(block, b"s", _block_cacheable(block))
+    for i, block in enumerate(system_blocks):
+        where = ("system", -1 if isinstance(system, str) else i, -1)
+        push(block, b"s", _block_cacheable(block), where, _is_volatile(block, volatile_prefixes))
 
-    normalised: list[tuple[bytes, list[Any]]] = []
+    normalised: list[tuple[bytes, list[Any], bool]] = []
     for idx, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise PrefixError(f"messages.{idx}: Input should be an object")
@@ -178,16 +186,20 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         else:
             raise PrefixError(f"messages.{idx}.content: Input should be a valid string or list")
         has_image = has_image or any(_contains_image(b) for b in blocks)
-        normalised.append((f"m{idx}:{role}".encode(), blocks))
+        normalised.append((f"m{idx}:{role}".encode(), blocks, isinstance(content, str)))
 
     message_params = {k: body[k] for k in ("tool_choice", "thinking") if k in body}
     message_params["images"] = has_image
     h = xxhash.xxh3_128_digest(h + b"M" + orjson.dumps(message_params, option=orjson.OPT_SORT_KEYS))
-    for tag, blocks in normalised:
-        for block in blocks:
-            push(block, tag, _block_cacheable(block))
+    for m, (tag, blocks, plain) in enumerate(normalised):
+        for b, block in enumerate(blocks):
+            push(block, tag, _block_cacheable(block), ("messages", m, -1 if plain else b))
 
     auto = body.get("cache_control")
+    # Automatic caching uses one of the 4 slots even when it lands on an explicit breakpoint.
+    count = len(breakpoints) + (auto is not None)
+    if count > MAX_BREAKPOINTS:
+        raise PrefixError(f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {count}.")
     if auto is not None:
         ttl = _ttl_of(auto)
         if eligible_last < 0:
@@ -195,12 +207,13 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         if not any(bp.position == eligible_last for bp in breakpoints):
             breakpoints.append(Breakpoint(eligible_last, ttl))
             breakpoints.sort(key=lambda b: b.position)
-
-    if len(breakpoints) > MAX_BREAKPOINTS:
-        raise PrefixError(
-            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(breakpoints)}."
-        )
-    return Prefix(chain=tuple(chain), breakpoints=tuple(breakpoints), item_count=len(chain))
+    return Prefix(
+        chain=tuple(chain),
+        breakpoints=tuple(breakpoints),
+        item_count=len(chain),
+        locations=tuple(locations),
+        cacheable=frozenset(cacheable_positions),
+    )
 
 
 def _block_cacheable(block: Any) -> bool:
@@ -209,6 +222,71 @@ def _block_cacheable(block: Any) -> bool:
     if block.get("type") in _UNCACHEABLE_TYPES:
         return False
     return not (block.get("type") == "text" and not block.get("text"))
+
+
+def _marked(block: Any, ttl: str) -> dict[str, Any]:
+    cc: dict[str, Any] = {"type": "ephemeral"}
+    if ttl != "5m":
+        cc["ttl"] = ttl
+    return {**block, "cache_control": cc}
+
+
+def with_breakpoint_at(body: dict[str, Any], prefix: Prefix, position: int, ttl: str = "5m") -> dict[str, Any]:
+    """A copy of ``body`` whose item at ``position`` carries ``cache_control`` (shallow copies only).
+
+    Used by breakpoint injection: the request keeps every byte of meaning, plus one breakpoint.
+    """
+    section, i, b = prefix.locations[position]
+    out = dict(body)
+    if section == "tools":
+        tools = list(body["tools"])
+        tools[i] = _marked(tools[i], ttl)
+        out["tools"] = tools
+    elif section == "system":
+        if i < 0:
+            out["system"] = [_marked({"type": "text", "text": body["system"]}, ttl)]
+        else:
+            system = list(body["system"])
+            system[i] = _marked(system[i], ttl)
+            out["system"] = system
+    else:
+        messages = list(body["messages"])
+        msg = dict(messages[i])
+        if b < 0:
+            msg["content"] = [_marked({"type": "text", "text": msg["content"]}, ttl)]
+        else:
+            content = list(msg["content"])
+            content[b] = _marked(content[b], ttl)
+            msg["content"] = content
+        messages[i] = msg
+        out["messages"] = messages
+    return out
+
+
+def truncated(body: dict[str, Any], prefix: Prefix, position: int) -> dict[str, Any]:
+    """A copy of ``body`` whose prompt ends at ``position`` (the item kept): what a warm of it sends.
+
+    Breakpoints at or before ``position`` stay where they are; top-level automatic caching is
+    dropped (it would land on the last block, which must carry an explicit breakpoint instead).
+    """
+    section, i, b = prefix.locations[position]
+    out = {k: v for k, v in body.items() if k != "cache_control"}
+    if section == "tools":
+        out["tools"] = list(body["tools"][: i + 1])
+        out.pop("system", None)
+        out["messages"] = []
+    elif section == "system":
+        if i >= 0:
+            out["system"] = list(body["system"][: i + 1])
+        out["messages"] = []
+    else:
+        messages = list(body["messages"][:i])
+        msg = body["messages"][i]
+        if b >= 0:
+            msg = {**msg, "content": list(msg["content"][: b + 1])}
+        messages.append(msg)
+        out["messages"] = messages
+    return out
 
 
 def with_implicit_breakpoint(body: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,17 @@ from cachetools import TLRUCache, TTLCache
 from specproxy.prefix import TTL_SECONDS, Prefix, prefix_id
 
 
+class Kind(enum.StrEnum):
+    """Who started a warm: an app's /prewarm, a request the proxy let through first, or the proxy."""
+
+    PREWARM = "prewarm"  # POST /prewarm
+    LEADER = "leader"  # a cold streaming request: settles at its message_start
+    LEADER_JSON = "leader-json"  # a cold non-streaming request: settles when its response arrives
+    COALESCE = "coalesce"  # the proxy's own max_tokens 0 warm for followers of a non-streaming leader
+    NEXT_TURN = "next-turn"  # the conversation extended with the reply
+    KEEP_WARM = "keep-warm"  # (refreshes reuse the warm they refresh; kept for the metrics label)
+
+
 class State(enum.StrEnum):
     WARMING = "warming"
     WARM = "warm"
@@ -49,6 +60,11 @@ class Warm:
     last_used: float | None = None
     usage: dict[str, Any] | None = None
     model: str | None = None
+    kind: Kind = Kind.PREWARM
+    keys: list[bytes] = field(default_factory=list)  # the chain values it registered
+    body: dict[str, Any] | None = None  # kept only for keep-warm re-sends, within a byte budget
+    headers: Any = None  # the upstream headers a re-send needs (credential included); never shown
+    next_turn_of: str | None = None  # for a next-turn warm: the prefix id of the turn it extends
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -117,14 +133,22 @@ class Registry(Protocol):
     async def match(self, prefix: Prefix) -> Match | None:
         """The longest live entry among the prefix's lookback candidates, or None."""
 
-    async def begin(self, tenant: str, prefix: Prefix) -> tuple[Warm, bool]:
-        """Single flight: the warm for this prefix, and True when the caller must send it."""
+    async def begin(
+        self, tenant: str, prefix: Prefix, *, kind: Kind = Kind.PREWARM, replace: bool = False
+    ) -> tuple[Warm, bool]:
+        """Single flight: the warm for this prefix, and True when the caller must send it.
+
+        ``replace`` takes over a prefix whose current warm is a non-streaming leader still in flight.
+        """
 
     async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
         """Record a warm's outcome and release everyone waiting on it."""
 
     async def touch(self, match: Match) -> None:
         """A request read this entry: count the use and refresh its TTL (reads refresh upstream)."""
+
+    async def refreshed(self, warm: Warm) -> None:
+        """A keep-warm re-send read the cache: every entry of ``warm`` lives a TTL from now."""
 
     async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
         """A warm by its 16-hex id, for its own tenant only; with its expiry."""
@@ -199,14 +223,17 @@ class MemoryRegistry:
         return len(self._entries)
 
     # -- single flight -------------------------------------------------------------------------------
-    async def begin(self, tenant: str, prefix: Prefix) -> tuple[Warm, bool]:
+    async def begin(
+        self, tenant: str, prefix: Prefix, *, kind: Kind = Kind.PREWARM, replace: bool = False
+    ) -> tuple[Warm, bool]:
         last = prefix.last_breakpoint
         if last is None:
             raise ValueError("a warm needs at least one breakpoint")
         now = self._clock()
         existing = self._entries.get(prefix.key(last.position))
         if existing is not None and not self._worth_rewarming(existing, now):
-            return existing.warm, False
+            if not (replace and existing.warm.kind is Kind.LEADER_JSON and existing.warm.state is State.WARMING):
+                return existing.warm, False
 
         ttl = max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints)
         warm = Warm(
@@ -215,6 +242,7 @@ class MemoryRegistry:
             breakpoints=len(prefix.breakpoints),
             started_at=now,
             ttl=ttl,
+            kind=kind,
         )
         keys: list[tuple[bytes, Entry]] = []
         for bp in prefix.breakpoints:
@@ -227,6 +255,7 @@ class MemoryRegistry:
             self._entries[key] = entry
             keys.append((key, entry))
         self._keys_of[id(warm)] = keys
+        warm.keys = [k for k, _ in keys]
         self._by_id[warm.prefix] = (warm, prefix.key(last.position))
         return warm, True
 
@@ -265,6 +294,14 @@ class MemoryRegistry:
             entry.expires_at = now + entry.ttl
             if self._entries.get(match.key) is entry:
                 self._entries[match.key] = entry
+
+    async def refreshed(self, warm: Warm) -> None:
+        now = self._clock()
+        for key in warm.keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry.warm is warm:
+                entry.expires_at = now + entry.ttl
+                self._entries[key] = entry
 
     async def close(self) -> None:
         for warm, _key in list(self._by_id.values()):

@@ -65,9 +65,14 @@ class Usage:
 class UsageTap:
     """Fed every chunk of a Messages response (``feed``); ``finish`` returns its usage, or None."""
 
-    __slots__ = ("_inflate", "_json", "_size", "_sse", "model", "usage")
+    __slots__ = ("_collect", "_inflate", "_json", "_partial", "_size", "_sse", "content", "model", "usage")
 
-    def __init__(self, content_type: str, content_encoding: str) -> None:
+    def __init__(self, content_type: str, content_encoding: str, *, collect_content: bool = False) -> None:
+        # With collect_content, the reply's content blocks are rebuilt (JSON: as sent; SSE: from
+        # the deltas), so the next turn can be warmed with the reply in it.
+        self._collect = collect_content
+        self.content: list[dict[str, Any]] | None = [] if collect_content else None
+        self._partial: dict[int, list[str]] = {}
         self._sse = SSEReader() if content_type.startswith("text/event-stream") else None
         enc = content_encoding.lower().strip()
         # wbits 47: zlib or gzip header, detected; raw deflate is rare from HTTP servers.
@@ -95,6 +100,8 @@ class UsageTap:
                     self.usage = Usage.from_api(message.get("usage") or {})
                 elif event == "message_delta" and self.usage is not None:
                     self.usage.merge_delta(orjson.loads(data).get("usage") or {})
+                elif self._collect and event.startswith("content_block"):
+                    self._rebuild(event, orjson.loads(data))
         elif self._json is not None:
             self._size += len(chunk)
             if self._size > MAX_JSON_COPY:
@@ -112,4 +119,42 @@ class UsageTap:
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
                 self.model = data.get("model")
                 self.usage = Usage.from_api(data["usage"])
+                if self._collect and isinstance(data.get("content"), list):
+                    self.content = data["content"]
         return self.usage
+
+    def _rebuild(self, event: str, data: dict[str, Any]) -> None:
+        """Apply one content_block_* event to the reply being rebuilt, as the SDKs accumulate it."""
+        content = self.content
+        if content is None:
+            return
+        index = data.get("index", 0)
+        if event == "content_block_start":
+            block = dict(data.get("content_block") or {})
+            if block.get("type") == "tool_use":
+                self._partial[index] = []
+            content.append(block)
+            return
+        if not 0 <= index < len(content):
+            self.content = None  # out of order: give up rather than warm a wrong prompt
+            return
+        block = content[index]
+        if event == "content_block_delta":
+            delta = data.get("delta") or {}
+            kind = delta.get("type")
+            if kind == "text_delta":
+                block["text"] = block.get("text", "") + delta.get("text", "")
+            elif kind == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+            elif kind == "signature_delta":
+                block["signature"] = delta.get("signature", "")
+            elif kind == "input_json_delta":
+                self._partial.setdefault(index, []).append(delta.get("partial_json", ""))
+            elif kind == "citations_delta":
+                block.setdefault("citations", []).append(delta.get("citation"))
+        elif event == "content_block_stop" and index in self._partial:
+            raw = "".join(self._partial.pop(index))
+            try:
+                block["input"] = orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
+                self.content = None
