@@ -30,9 +30,10 @@ from specproxy.errors import (
 from specproxy.forward import Forwarder, Relayed, upstream_request_headers
 from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict
 from specproxy.metrics import DEFAULT_PRICING, Metrics
-from specproxy.prefix import PrefixError, compute, tenant_digest, with_implicit_breakpoint
-from specproxy.registry import MemoryRegistry, Registry, State, Warm
+from specproxy.prefix import PrefixError, compute, tenant_digest, truncated, with_implicit_breakpoint
+from specproxy.registry import Kind, MemoryRegistry, Registry, State, Warm
 from specproxy.serving import serve_forever
+from specproxy.speculate import Speculator
 from specproxy.usage import Usage
 from specproxy.warmer import TenantWarmLimits, Warmer, WarmResult
 
@@ -47,6 +48,7 @@ WARMER = web.AppKey("warmer", Warmer)
 STARTED = web.AppKey("started", float)
 METRICS = web.AppKey("metrics", Metrics)
 CREDENTIALS = web.AppKey("credentials", Credentials)
+SPECULATOR = web.AppKey("speculator", Speculator)
 TIMERS = web.AppKey("timers", set)  # wasted-warm checks, cancelled at shutdown
 LOG = web.RequestKey("log", dict)  # the fields of this request's log line
 
@@ -131,15 +133,44 @@ async def messages(request: web.Request) -> web.StreamResponse:
     fields = request[LOG]
     verdict = await app[HOLDER].route(request.headers, raw)
     fields.update(outcome=verdict.outcome, wait_ms=verdict.wait_ms, prefix=verdict.prefix, tenant=verdict.tenant)
+    metrics = app[METRICS]
     if verdict.wait_ms:
-        app[METRICS].hold_seconds.observe(verdict.wait_ms / 1000)
+        metrics.hold_seconds.observe(verdict.wait_ms / 1000)
+    if verdict.coalesced and verdict.outcome == HELD:
+        metrics.coalesced.inc()
+    speculator = app[SPECULATOR]
+    next_turn = speculator.wants_next_turn(request.headers)
+    leader = verdict.leader
+    registry = app[REGISTRY]
+
+    async def leader_started(usage: Usage | None) -> None:
+        # This request led its prefix: its response has begun, so the cache entry exists now.
+        assert leader is not None
+        state = State.WARM if usage and (usage.cache_read or usage.cache_written) else State.UNCACHEABLE
+        await registry.settle(leader, state)
+        if state is State.WARM and verdict.body is not None and verdict.parsed is not None:
+            last = verdict.parsed.breakpoints[-1].position
+            speculator.keep_body(leader, truncated(verdict.body, verdict.parsed, last), request.headers, len(raw))
+
     try:
-        relayed = await app[FORWARDER].forward(request, raw, extra_headers=verdict.headers(), tap_usage=True)
+        relayed = await app[FORWARDER].forward(
+            request,
+            verdict.raw or raw,
+            extra_headers=verdict.headers(),
+            tap_usage=True,
+            collect_content=next_turn,
+            on_started=leader_started if leader is not None else None,
+        )
     except SpecproxyError as exc:
         response = exc.to_response()
         response.headers.update(verdict.headers())
         return response
+    finally:
+        if leader is not None and not leader.settled:
+            await registry.settle(leader, State.FAILED, error="leader request failed")
     _account(app, verdict, relayed, fields)
+    if next_turn:
+        await speculator.next_turn(verdict, relayed, request.headers)
     assert relayed.response is not None
     return relayed.response
 
@@ -198,15 +229,11 @@ async def prewarm(request: web.Request) -> web.Response:
         raise InvalidRequest(str(exc)) from None
 
     request[LOG]["tenant"] = tenant
-    warmer = app[WARMER]
-    warmer.limits.acquire(tenant)
-    warm, started = await app[REGISTRY].begin(tenant, parsed)
+    warm, started = await app[WARMER].warm(
+        tenant, parsed, body, app[CREDENTIALS].to_upstream(upstream_request_headers(request.headers))
+    )
     if started:
-        warm.model = body["model"]
-        warmer.start(warm, body, app[CREDENTIALS].to_upstream(upstream_request_headers(request.headers)))
-    else:
-        warmer.limits.release(tenant, started=False)
-
+        app[SPECULATOR].keep_body(warm, body, request.headers, len(raw))
     request[LOG].update(prefix=warm.prefix, outcome="prewarm-sent" if started else "prewarm-deduplicated")
     status = 202
     if request.query.get("wait") in ("1", "true", "yes"):
@@ -301,6 +328,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         warm_timeout=settings.warm_timeout,
         failed_ttl=settings.failed_ttl,
         rewarm_margin=settings.rewarm_margin,
+        ttl_scale=settings.cache_ttl_scale,
     )
     app[REGISTRY] = reg
     holder = Holder(
@@ -308,6 +336,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         max_hold=settings.max_hold,
         limits=HoldLimits(settings.max_held_total, settings.max_held_per_tenant),
         volatile_prefixes=settings.volatile_system_prefixes,
+        coalesce=settings.coalesce,
+        inject=settings.inject_breakpoints,
     )
     app[HOLDER] = holder
     metrics.held.set_function(lambda: holder.held)
@@ -322,6 +352,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
                 timers.discard(handle)
                 if warm.uses == 0:
                     metrics.warm_wasted()
+                    if warm.kind is Kind.NEXT_TURN:
+                        metrics.next_turn.labels("unused").inc()
 
             delay = max(0.0, warm.started_at + warm.ttl - time.monotonic())
             handle = asyncio.get_running_loop().call_later(delay, check)
@@ -351,7 +383,11 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant),
             on_settled=on_settled,
         )
+        speculator = Speculator(settings, reg, app[WARMER], metrics, credentials)
+        app[SPECULATOR] = speculator
+        holder.speculation = speculator
         yield
+        await speculator.close()
         for handle in timers:
             handle.cancel()
         # Shutdown, in order: stop background warms (they settle as failed, releasing holders),

@@ -50,6 +50,10 @@ class Settings:
     rewarm_margin: float = _f(
         30.0, "a warm entry this close (seconds) to expiry may be warmed again by /prewarm", min=0
     )
+    cache_ttl_scale: float = _f(
+        1.0, "multiplies the upstream's 5m/1h cache TTLs (match a time-scaled simulator; 1 for the real API)",
+        min=0.000001,
+    )
     volatile_system_prefixes: tuple[str, ...] = _f(
         ("x-anthropic-billing-header",),
         "system text blocks starting with these strings change per request and are left out of prefix identity",

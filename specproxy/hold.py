@@ -11,17 +11,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
 from specproxy.credentials import presented as credential
 from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, prefix_id, tenant_digest
-from specproxy.registry import Registry, State, Warm
+from specproxy.registry import Kind, Match, Registry, State, Warm
 
 HEADER: Final = "X-Cache-Warm"
 HEADER_WAIT: Final = "X-Cache-Warm-Wait-Ms"
 HEADER_PREFIX: Final = "X-Cache-Warm-Prefix"
+HEADER_INJECTED: Final = "X-Cache-Warm-Injected"
 
 # Outcomes (the X-Cache-Warm values).
 HIT: Final = "hit"  # matched a warm entry; went at once
@@ -47,11 +48,18 @@ class Verdict:
     tenant: str | None = None
     body: dict[str, Any] | None = None
     parsed: Prefix | None = None
+    raw: bytes | None = None  # set only when the body was changed (breakpoint injection)
+    injected: bool = False
+    leader: Warm | None = None  # this request leads its prefix: it settles the entry when it begins
+    coalesced: bool = False  # held behind another request rather than an app's /prewarm
+    match: Match | None = None
 
     def headers(self) -> dict[str, str]:
         out = {HEADER: self.outcome, HEADER_WAIT: str(self.wait_ms)}
         if self.prefix:
             out[HEADER_PREFIX] = self.prefix
+        if self.injected:
+            out[HEADER_INJECTED] = "1"
         return out
 
 
@@ -84,6 +92,16 @@ class HoldLimits:
         return self._by_tenant.get(tenant, 0)
 
 
+class Speculation(Protocol):
+    """What holding asks of the speculator (specproxy.speculate), when speculation is on."""
+
+    async def inject(self, verdict: Verdict) -> bool: ...
+
+    async def json_follower(self, verdict: Verdict, match: Match, headers: Any) -> Warm | None: ...
+
+    def used(self, warm: Warm, ttl: float) -> None: ...
+
+
 class Holder:
     """Routes a request: parses once, hashes once, matches, holds if a warm is in flight."""
 
@@ -94,7 +112,12 @@ class Holder:
         max_hold: float,
         limits: HoldLimits,
         volatile_prefixes: Sequence[str] = (),
+        coalesce: bool = False,
+        inject: bool = False,
     ) -> None:
+        self.speculation: Speculation | None = None
+        self._coalesce = coalesce
+        self._inject = inject
         self._registry = registry
         self._max_hold = max_hold
         self._limits = limits
@@ -127,18 +150,38 @@ class Holder:
     async def route(self, headers: Mapping[str, str], raw: bytes) -> Verdict:
         """Decide, and hold when the longest match is warming. Raises CancelledError if the client leaves."""
         verdict = self.identify(headers, raw)
-        if verdict.outcome != MISS or verdict.parsed is None or verdict.tenant is None:
+        if verdict.parsed is None or verdict.tenant is None:
             return verdict
+        spec = self.speculation
+        if verdict.outcome == BYPASS:
+            # No breakpoint: only breakpoint injection can make this request read a warm.
+            if not (self._inject and spec is not None and await spec.inject(verdict)):
+                return verdict
+            verdict.outcome = MISS
         match = await self._registry.match(verdict.parsed)
+        if match is None and self._coalesce and verdict.body is not None:
+            kind = Kind.LEADER if verdict.body.get("stream") is True else Kind.LEADER_JSON
+            leader, started = await self._registry.begin(verdict.tenant, verdict.parsed, kind=kind)
+            if started:
+                verdict.leader = leader  # goes now; its response settles the entry for followers
+                return verdict
+            match = await self._registry.match(verdict.parsed)  # another request led meanwhile
         if match is None:
             return verdict
+        verdict.match = match
         warm = match.warm
         verdict.prefix = prefix_id(match.key)
         if warm.state is not State.WARMING:
             verdict.outcome = _AT_ONCE_OUTCOME[warm.state]
             if warm.state is State.WARM:
-                await self._registry.touch(match)
+                await self._use(match)
             return verdict
+        if warm.kind is Kind.LEADER_JSON and spec is not None:
+            # Holding behind a whole non-streaming generation would cost more than a second prefill.
+            helper = await spec.json_follower(verdict, match, headers)
+            if helper is not None:
+                warm = helper
+        verdict.coalesced = warm.kind in (Kind.LEADER, Kind.LEADER_JSON, Kind.COALESCE)
 
         tenant = verdict.tenant
         if self.draining or not self._limits.try_acquire(tenant):
@@ -158,9 +201,14 @@ class Holder:
             verdict.outcome = UNHELD if self.draining else TIMEOUT
             return verdict
         verdict.outcome = _SETTLED_OUTCOME[warm.state]
-        if warm.state is State.WARM:
-            await self._registry.touch(match)
+        if warm.state is State.WARM and warm is match.warm:
+            await self._use(match)
         return verdict
+
+    async def _use(self, match: Match) -> None:
+        await self._registry.touch(match)
+        if self.speculation is not None:
+            self.speculation.used(match.warm, match.entry.ttl)
 
     @property
     def held(self) -> int:

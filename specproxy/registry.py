@@ -174,8 +174,10 @@ class MemoryRegistry:
         failed_ttl: float,
         rewarm_margin: float,
         clock: Callable[[], float] = time.monotonic,
+        ttl_scale: float = 1.0,
     ) -> None:
         self._clock = clock
+        self._ttl_scale = ttl_scale
         self._warm_timeout = warm_timeout
         self._failed_ttl = failed_ttl
         self._rewarm_margin = rewarm_margin
@@ -231,11 +233,13 @@ class MemoryRegistry:
             raise ValueError("a warm needs at least one breakpoint")
         now = self._clock()
         existing = self._entries.get(prefix.key(last.position))
-        if existing is not None and not self._worth_rewarming(existing, now):
-            if not (replace and existing.warm.kind is Kind.LEADER_JSON and existing.warm.state is State.WARMING):
-                return existing.warm, False
+        replaceable = replace and existing is not None and existing.warm.kind is Kind.LEADER_JSON
+        if existing is not None and not self._worth_rewarming(existing, now) and not (
+            replaceable and existing.warm.state is State.WARMING
+        ):
+            return existing.warm, False
 
-        ttl = max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints)
+        ttl = max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints) * self._ttl_scale
         warm = Warm(
             tenant=tenant,
             prefix=prefix_id(prefix.key(last.position)),
@@ -251,7 +255,7 @@ class MemoryRegistry:
             # Do not turn a live warm entry at an earlier breakpoint back into a held one.
             if current is not None and current.warm.state is State.WARM and not self._worth_rewarming(current, now):
                 continue
-            entry = Entry(warm, bp.position, TTL_SECONDS[bp.ttl], now + self._warm_timeout)
+            entry = Entry(warm, bp.position, TTL_SECONDS[bp.ttl] * self._ttl_scale, now + self._warm_timeout)
             self._entries[key] = entry
             keys.append((key, entry))
         self._keys_of[id(warm)] = keys

@@ -52,6 +52,10 @@ class Usage:
         if usage.get("cache_creation_input_tokens") is not None:
             self.cache_write_5m, self.cache_write_1h = merged.cache_write_5m, merged.cache_write_1h
 
+    @property
+    def cache_written(self) -> int:
+        return self.cache_write_5m + self.cache_write_1h
+
     def as_dict(self) -> dict[str, int]:
         return {
             "input": self.input,

@@ -22,7 +22,8 @@ import orjson
 from multidict import CIMultiDict
 
 from specproxy.errors import RateLimited
-from specproxy.registry import Registry, State, Warm
+from specproxy.prefix import Prefix
+from specproxy.registry import Kind, Registry, State, Warm
 from specproxy.sse import SSEReader
 
 log = logging.getLogger("specproxy.warmer")
@@ -145,6 +146,38 @@ class Warmer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    async def warm(
+        self,
+        tenant: str,
+        prefix: Prefix,
+        body: Mapping[str, Any],
+        headers: CIMultiDict[str],
+        *,
+        kind: Kind = Kind.PREWARM,
+        replace: bool = False,
+    ) -> tuple[Warm, bool]:
+        """Register ``prefix`` (single flight) and, when it is new, send its warm in the background.
+
+        Raises :class:`RateLimited` when the tenant is over its warm limits; a deduplicated warm
+        sends nothing and does not count against them.
+        """
+        self.limits.acquire(tenant)
+        try:
+            warm, started = await self._registry.begin(tenant, prefix, kind=kind, replace=replace)
+        except BaseException:
+            self.limits.release(tenant, started=False)
+            raise
+        if started:
+            warm.model = body.get("model") if isinstance(body.get("model"), str) else None
+            self.start(warm, body, headers)
+        else:
+            self.limits.release(tenant, started=False)
+        return warm, started
+
+    async def resend(self, body: Mapping[str, Any], headers: CIMultiDict[str]) -> WarmResult:
+        """Send a warm now and return what it found, without touching the registry (keep-warm)."""
+        return await self._send(body, _warm_headers(headers), "1" if needs_fallback(body) else "0")
+
     def start(self, warm: Warm, body: Mapping[str, Any], headers: CIMultiDict[str]) -> None:
         """Send ``warm`` in the background. The caller has registered it with the registry."""
         task = asyncio.get_running_loop().create_task(self._run(warm, body, headers))
@@ -152,9 +185,7 @@ class Warmer:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, warm: Warm, body: Mapping[str, Any], client_headers: CIMultiDict[str]) -> None:
-        headers = CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in _WARM_HEADER_DROP)
-        headers["content-type"] = "application/json"
-        headers["accept-encoding"] = "identity"
+        headers = _warm_headers(client_headers)
         result = WarmResult(State.FAILED, "0", error="cancelled")
         try:
             mode = "1" if needs_fallback(body) else "0"
@@ -208,6 +239,13 @@ class Warmer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _warm_headers(client_headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    headers = CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in _WARM_HEADER_DROP)
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"
+    return headers
 
 
 async def _error_type(resp: aiohttp.ClientResponse) -> str:
