@@ -127,8 +127,8 @@ class Holder:
 
     def identify(self, headers: Mapping[str, str], raw: bytes) -> Verdict:
         """Parse and hash: a ``bypass`` verdict, or one carrying the prefix to match (outcome ``miss``)."""
-        if not has_breakpoint_marker(raw):
-            return Verdict(BYPASS)
+        if not has_breakpoint_marker(raw) and not self._inject:
+            return Verdict(BYPASS)  # cannot carry a breakpoint: not even parsed
         cred = credential(headers)
         if cred is None:
             return Verdict(BYPASS)
