@@ -41,7 +41,7 @@ log = logging.getLogger("specproxy.app")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
+REGISTRY = web.AppKey("registry", Registry)
 HOLDER = web.AppKey("holder", Holder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 WARMER = web.AppKey("warmer", Warmer)

@@ -188,7 +188,7 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         has_image = has_image or any(_contains_image(b) for b in blocks)
         normalised.append((f"m{idx}:{role}".encode(), blocks, isinstance(content, str)))
 
-    message_params = {k: body[k] for k in ("tool_choice", "thinking") if k in body}
+    message_params: dict[str, Any] = {k: body[k] for k in ("tool_choice", "thinking") if k in body}
     message_params["images"] = has_image
     h = xxhash.xxh3_128_digest(h + b"M" + orjson.dumps(message_params, option=orjson.OPT_SORT_KEYS))
     for m, (tag, blocks, plain) in enumerate(normalised):
