@@ -321,9 +321,20 @@ async def test_sigterm_releases_held_requests_upstream_and_exits_cleanly(
                 return bool((await r.json())["held"] == 1)
 
         await eventually(held)
+        # A stream already flowing when SIGTERM arrives (the upstream answers it 1 s later).
+        other = question_body("slow?", context="another context " * 1000, stream=True)
+        slow = asyncio.create_task(post(http, url + "/v1/messages", other,
+                                        **{"x-sim-delay-ms": "1000"}))
+
+        async def slow_arrived() -> bool:
+            return any(e.get("stream") is True for e in await sim.requests())
+
+        await eventually(slow_arrived)
         proc.send_signal(signal.SIGTERM)
         code, hdrs, body = await asyncio.wait_for(question, 20)
         assert code == 200 and hdrs["X-Cache-Warm"] == "unheld" and body["type"] == "message"
+        code, _, text = await asyncio.wait_for(slow, 20)
+        assert code == 200 and "message_stop" in text  # finished, not cut
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
         if proc.returncode is None:
@@ -331,5 +342,5 @@ async def test_sigterm_releases_held_requests_upstream_and_exits_cleanly(
             await proc.wait()
         await sim.open_gate("never")
     log = [e for e in await sim.requests() if e["path"] == "/v1/messages"]
-    assert sorted(e["max_tokens"] for e in log) == [0, 64]  # the warm and the released question
+    assert sorted(e["max_tokens"] for e in log) == [0, 64, 64]  # the warm, the slow stream, the released one
 
