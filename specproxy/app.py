@@ -151,6 +151,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         if state is State.WARM and verdict.body is not None and verdict.parsed is not None:
             last = verdict.parsed.breakpoints[-1].position
             speculator.keep_body(leader, truncated(verdict.body, verdict.parsed, last), request.headers, len(raw))
+            speculator.used(leader, leader.ttl)
 
     try:
         relayed = await app[FORWARDER].forward(
@@ -347,6 +348,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         if result.usage:
             metrics.usage(Usage.from_api(result.usage), warm.model, warm.tenant)
         if result.state is State.WARM:
+            app[SPECULATOR].used(warm, warm.ttl)  # a fresh warm is in use: keep-warm may keep it
             # A warm nobody used before its TTL ran out was money spent for nothing: count it.
             def check() -> None:
                 timers.discard(handle)

@@ -89,6 +89,7 @@ class Speculator:
         self._volatile = settings.volatile_system_prefixes
         self.bodies = BodyStore(settings.speculation_body_bytes)
         self._timers: dict[Warm, asyncio.TimerHandle] = {}
+        self._active: set[Warm] = set()  # kept warm now: scheduled, or being re-sent
         self._kept: dict[str, int] = {}  # tenant -> prefixes kept warm
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -182,14 +183,15 @@ class Speculator:
             self.bodies.keep(warm, body, self._upstream_headers(headers), size)
 
     def used(self, warm: Warm, ttl: float) -> None:
-        """A request read ``warm``'s prefix: count a next-turn use; schedule its keep-warm refresh."""
+        """``warm``'s prefix was written or read: count a next-turn use; schedule its keep-warm refresh."""
         if warm.kind is Kind.NEXT_TURN and warm.uses == 1:
             self._metrics.next_turn.labels("used").inc()
-        if not self._s.keep_warm or warm.state is not State.WARM or warm.body is None or warm in self._timers:
+        if not self._s.keep_warm or warm.state is not State.WARM or warm.body is None or warm in self._active:
             return
         if self._kept.get(warm.tenant, 0) >= self._s.keep_warm_max_per_tenant:
             return
         self._kept[warm.tenant] = self._kept.get(warm.tenant, 0) + 1
+        self._active.add(warm)
         self._schedule(warm, ttl)
 
     def _schedule(self, warm: Warm, ttl: float) -> None:
@@ -227,6 +229,7 @@ class Speculator:
         self._schedule(warm, ttl)
 
     def _stop(self, warm: Warm) -> None:
+        self._active.discard(warm)
         left = self._kept.get(warm.tenant, 1) - 1
         if left > 0:
             self._kept[warm.tenant] = left
