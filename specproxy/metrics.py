@@ -110,7 +110,8 @@ class Metrics:
                                 "Requests the proxy called hit/held whose usage shows no cache read", registry=r)
         self.dollars_spent = Counter("specproxy_dollars_spent", "Estimated dollars spent (pricing table)", registry=r)
         self.dollars_saved = Counter("specproxy_dollars_saved",
-                                     "Estimated dollars saved versus no caching (negative writes included)",
+                                     "Estimated dollars saved versus no caching, by the responses that saved "
+                                     "(cache writes' extra cost is netted in specproxy_dollars_saved_net)",
                                      registry=r)
         self.dollars_saved_net = Gauge("specproxy_dollars_saved_net", "Net estimated dollars saved (may be < 0)",
                                        registry=r)

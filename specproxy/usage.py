@@ -50,7 +50,14 @@ class Usage:
         if usage.get("cache_read_input_tokens") is not None:
             self.cache_read = merged.cache_read
         if usage.get("cache_creation_input_tokens") is not None:
-            self.cache_write_5m, self.cache_write_1h = merged.cache_write_5m, merged.cache_write_1h
+            if isinstance(usage.get("cache_creation"), dict):
+                self.cache_write_5m, self.cache_write_1h = merged.cache_write_5m, merged.cache_write_1h
+            else:
+                # The API's message_delta carries the write total only, not its 5m/1h split: keep
+                # message_start's 1h share rather than counting every write as 5m.
+                total = merged.cache_write_5m
+                self.cache_write_1h = min(self.cache_write_1h, total)
+                self.cache_write_5m = total - self.cache_write_1h
 
     @property
     def cache_written(self) -> int:
