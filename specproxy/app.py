@@ -131,11 +131,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
     app[CREDENTIALS].check(request.headers)
     raw = await request.read()
     fields = request[LOG]
-    verdict = await app[HOLDER].route(request.headers, raw)
+    try:
+        verdict = await app[HOLDER].route(request.headers, raw)
+    except asyncio.CancelledError:
+        fields["outcome"] = "abandoned"  # the client left while held: nothing went upstream
+        raise
     fields.update(outcome=verdict.outcome, wait_ms=verdict.wait_ms, prefix=verdict.prefix, tenant=verdict.tenant)
     metrics = app[METRICS]
-    if verdict.wait_ms:
-        metrics.hold_seconds.observe(verdict.wait_ms / 1000)
+    if verdict.held_s is not None:
+        metrics.hold_seconds.observe(verdict.held_s)
     if verdict.coalesced and verdict.outcome == HELD:
         metrics.coalesced.inc()
     speculator = app[SPECULATOR]
@@ -265,6 +269,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
     app = request.app
     app[METRICS].registry_entries.set(len(app[REGISTRY]))
+    app[METRICS].degraded.set(1 if getattr(app[REGISTRY], "degraded", False) else 0)
     return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

@@ -52,6 +52,7 @@ class Verdict:
     injected: bool = False
     leader: Warm | None = None  # this request leads its prefix: it settles the entry when it begins
     coalesced: bool = False  # held behind another request rather than an app's /prewarm
+    held_s: float | None = None  # seconds held, when the request was held at all
     match: Match | None = None
 
     def headers(self) -> dict[str, str]:
@@ -196,7 +197,8 @@ class Holder:
             left = self._waiting.pop(warm) - 1
             if left:
                 self._waiting[warm] = left
-            verdict.wait_ms = int((time.monotonic() - start) * 1000)
+            verdict.held_s = time.monotonic() - start
+            verdict.wait_ms = int(verdict.held_s * 1000)
         if warm.state is State.WARMING:  # max_hold passed, or released by drain()
             verdict.outcome = UNHELD if self.draining else TIMEOUT
             return verdict

@@ -130,7 +130,8 @@ class Metrics:
 
     def request(self, path: str, status: int, outcome: str, tenant: str | None = None) -> None:
         self.requests.labels(path, str(status), outcome, *self._t(tenant)).inc()
-        self.totals.outcomes[outcome] += 1
+        if outcome != "none":  # the status page counts outcomes of Messages calls and prewarms only
+            self.totals.outcomes[outcome] += 1
 
     def warm_settled(self, result: str, mode: str, tenant: str | None = None) -> None:
         self.warms.labels(result, mode, *self._t(tenant)).inc()

@@ -427,7 +427,7 @@ async def test_a_held_request_whose_client_left_is_counted_as_499_and_leaves_the
 
     async def counted() -> bool:
         requests = (await scrape(http, proxy)).series("specproxy_requests_total", "path", "status", "outcome")
-        return requests.get(("/v1/messages", "499", "none")) == 1
+        return requests.get(("/v1/messages", "499", "abandoned")) == 1
 
     await eventually(counted)
     assert (await scrape(http, proxy)).value("specproxy_held_requests") == 0
