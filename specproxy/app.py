@@ -305,6 +305,7 @@ async def healthz(request: web.Request) -> web.Response:
             "status": "ok",
             "version": __version__,
             "registry": app[SETTINGS].registry,
+            "registry_degraded": bool(getattr(app[REGISTRY], "degraded", False)),
             "held": app[HOLDER].held,
             "warms_in_flight": app[WARMER].in_flight,
             "uptime_s": round(time.monotonic() - app[STARTED], 3),
@@ -329,13 +330,21 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[CREDENTIALS] = credentials
     timers: set[asyncio.TimerHandle] = set()
     app[TIMERS] = timers
-    reg: Registry = registry or MemoryRegistry(
-        max_entries=settings.registry_max_entries,
-        warm_timeout=settings.warm_timeout,
-        failed_ttl=settings.failed_ttl,
-        rewarm_margin=settings.rewarm_margin,
-        ttl_scale=settings.cache_ttl_scale,
-    )
+    reg: Registry
+    if registry is not None:
+        reg = registry
+    elif settings.registry == "redis":
+        from specproxy.registry_redis import RedisRegistry
+
+        reg = RedisRegistry.from_settings(settings)
+    else:
+        reg = MemoryRegistry(
+            max_entries=settings.registry_max_entries,
+            warm_timeout=settings.warm_timeout,
+            failed_ttl=settings.failed_ttl,
+            rewarm_margin=settings.rewarm_margin,
+            ttl_scale=settings.cache_ttl_scale,
+        )
     app[REGISTRY] = reg
     holder = Holder(
         reg,
@@ -367,6 +376,9 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             timers.add(handle)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        start = getattr(reg, "start", None)
+        if start is not None:
+            await start()  # a shared registry connects here; it never raises (starts degraded)
         connector = aiohttp.TCPConnector(
             limit=settings.upstream_max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
         )

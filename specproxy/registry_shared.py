@@ -1,9 +1,10 @@
-"""Warms shared between replicas: the shared warm, its wire record, and the local mirror that adopts it.
+"""Warms shared between replicas: the shared warm, what replicas tell each other, and the local mirror.
 
 Whatever carries them (:mod:`specproxy.registry_redis` uses Redis), replicas exchange *records*:
-one small JSON object per warm naming it (a uid), its tenant, its breakpoint keys and its state.
-Each replica keeps every live warm it has heard of in a :class:`Mirror`, a :class:`MemoryRegistry`
-that can also adopt warms another replica began; ``match`` then never leaves the process.
+one small JSON object per warm naming it (a uid), its tenant, its breakpoint keys and its state,
+announced on every begin and settle; and *notes* of uses and refreshes. Each replica keeps every
+live warm it has heard of in a :class:`Mirror`, a :class:`MemoryRegistry` that can also adopt
+warms another replica began; ``match`` then never leaves the process.
 
 A record (every time is a duration or a wall-clock epoch: replicas share no monotonic clock)::
 
@@ -17,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from cachetools import TTLCache
 
 from specproxy.prefix import TTL_SECONDS, Prefix, prefix_id
-from specproxy.registry import Entry, Kind, MemoryRegistry, State, Warm
+from specproxy.registry import Entry, Kind, Match, MemoryRegistry, State, Warm
 
 LOST_GRACE: Final = 5.0  # seconds past warm_timeout before an unannounced remote warm is given up
 
@@ -38,7 +40,9 @@ class SharedWarm(Warm):
     spec: tuple[tuple[bytes, int, float], ...] = ()  # its breakpoints: (chain value, position, entry ttl), longest last
 
 
-def new_warm(tenant: str, prefix: Prefix, *, origin: str, now: float, kind: Kind = Kind.PREWARM) -> SharedWarm:
+def new_warm(
+    tenant: str, prefix: Prefix, *, origin: str, now: float, kind: Kind = Kind.PREWARM, ttl_scale: float = 1.0
+) -> SharedWarm:
     """A fresh ``warming`` warm for ``prefix``'s breakpoints, begun on replica ``origin``."""
     last = prefix.last_breakpoint
     if last is None:
@@ -48,11 +52,12 @@ def new_warm(tenant: str, prefix: Prefix, *, origin: str, now: float, kind: Kind
         prefix=prefix_id(prefix.key(last.position)),
         breakpoints=len(prefix.breakpoints),
         started_at=now,
-        ttl=max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints),
+        ttl=max(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints) * ttl_scale,
         kind=kind,
         uid=secrets.token_hex(8),
         origin=origin,
-        spec=tuple((prefix.key(bp.position), bp.position, TTL_SECONDS[bp.ttl]) for bp in prefix.breakpoints),
+        spec=tuple((prefix.key(bp.position), bp.position, TTL_SECONDS[bp.ttl] * ttl_scale)
+                   for bp in prefix.breakpoints),
     )
 
 
@@ -107,6 +112,19 @@ def from_record(rec: dict[str, Any], *, now: float, wall: float | None = None) -
     return warm
 
 
+def announcement(rec: bytes, remaining_ms: Sequence[int], *, claim: bool = False) -> bytes:
+    """A record as announced: plus ``x``, each key's ms left (for first-time receivers), and ``c`` when
+    the warm has just been given the prefix (receivers let it take the longest key)."""
+    return rec[:-1] + b',"x":' + orjson.dumps(list(remaining_ms)) + (b',"c":1}' if claim else b"}")
+
+
+def note(replica: str, warm: SharedWarm, key: bytes | None) -> bytes:
+    """The announcement of a use of ``warm`` at ``key`` (``t``), or of a keep-warm refresh (``f``)."""
+    if key is None:
+        return orjson.dumps({"op": "f", "r": replica, "u": warm.uid})
+    return orjson.dumps({"op": "t", "r": replica, "u": warm.uid, "k": key.hex()})
+
+
 def apply_outcome(warm: Warm, rec: dict[str, Any]) -> None:
     """Copy what the sending replica learnt from the upstream (mode, usage, model) onto ``warm``."""
     warm.mode = rec.get("m") or warm.mode
@@ -130,10 +148,12 @@ class Mirror(MemoryRegistry):
         warm_timeout: float,
         failed_ttl: float,
         rewarm_margin: float,
+        ttl_scale: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(max_entries=max_entries, warm_timeout=warm_timeout, failed_ttl=failed_ttl,
-                         rewarm_margin=rewarm_margin, clock=clock)
+                         rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock)
+        self.ttl_scale = ttl_scale
         self.replica = replica
         self._by_uid: TTLCache[str, SharedWarm] = TTLCache(
             maxsize=max_entries, ttl=TTL_SECONDS["1h"] + warm_timeout, timer=clock
@@ -150,8 +170,9 @@ class Mirror(MemoryRegistry):
         """True when a /prewarm may replace ``entry`` (a warm entry within the margin of expiry)."""
         return self._worth_rewarming(entry, now)
 
-    def by_uid(self, uid: str) -> SharedWarm | None:
-        return self._by_uid.get(uid)
+    def own(self, uids: Iterable[str]) -> list[SharedWarm]:
+        """The warms among ``uids`` this replica still knows."""
+        return [warm for uid in list(uids) if (warm := self._by_uid.get(uid)) is not None]
 
     def known(self) -> list[SharedWarm]:
         """Every warm this replica knows, read at one instant (none can expire mid-read)."""
@@ -198,12 +219,47 @@ class Mirror(MemoryRegistry):
             await self.settle(warm, state, error=rec.get("e"))
         return warm
 
+    async def apply(self, msg: Any) -> None:
+        """An announcement from another replica: a record, a use (``t``) or a refresh (``f``).
+
+        Raises ``KeyError``, ``TypeError``, ``ValueError`` on a malformed one.
+        """
+        if not isinstance(msg, dict) or msg.get("r") == self.replica:
+            return
+        op = msg.get("op")
+        if op is None:
+            await self.adopt(msg, [float(x) for x in msg["x"]], claim=bool(msg.get("c")))
+            return
+        warm = self._by_uid.get(msg["u"])
+        if warm is None:
+            return
+        if op == "f":
+            await self.refreshed(warm)
+        elif op == "t":
+            key = bytes.fromhex(msg["k"])
+            entry = self._entries.get(key)
+            if entry is not None and entry.warm is warm:
+                await self.touch(Match(entry=entry, position=entry.position, key=key))
+
     def _give_up(self, warm: SharedWarm) -> None:
         self._lost.pop(warm.uid, None)
         if not warm.settled:
             task = asyncio.get_running_loop().create_task(self.settle(warm, State.FAILED, error="lost"))
             self._giving_up.add(task)
             task.add_done_callback(self._giving_up.discard)
+
+    async def touch(self, match: Match) -> None:
+        await super().touch(match)
+        self._keep(match.warm)
+
+    async def refreshed(self, warm: Warm) -> None:
+        await super().refreshed(warm)
+        self._keep(warm)
+
+    def _keep(self, warm: Warm) -> None:
+        """A warm in use stays known as long as its entries live (re-inserting restarts its TTL)."""
+        if isinstance(warm, SharedWarm) and self._by_uid.get(warm.uid) is warm:
+            self._by_uid[warm.uid] = warm
 
     async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
         if isinstance(warm, SharedWarm):
