@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import TLRUCache
 
 from specproxy.prefix import TTL_SECONDS, Prefix, prefix_id
 
@@ -65,6 +65,7 @@ class Warm:
     body: dict[str, Any] | None = None  # kept only for keep-warm re-sends, within a byte budget
     headers: Any = None  # the upstream headers a re-send needs (credential included); never shown
     next_turn_of: str | None = None  # for a next-turn warm: the prefix id of the turn it extends
+    expires_at: float = 0.0  # when its longest-lived entry expires (this replica's clock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -184,9 +185,9 @@ class MemoryRegistry:
         self._entries: TLRUCache[bytes, Entry] = TLRUCache(
             maxsize=max_entries, ttu=lambda _k, e, _now: e.expires_at, timer=clock
         )
-        # id → (warm, longest key). Bounded like the entries; an id outliving its entries is harmless.
-        self._by_id: TTLCache[str, tuple[Warm, bytes]] = TTLCache(
-            maxsize=max_entries, ttl=TTL_SECONDS["1h"] + warm_timeout, timer=clock
+        # id → (warm, longest key), living exactly as long as the warm's longest-lived entry.
+        self._by_id: TLRUCache[str, tuple[Warm, bytes]] = TLRUCache(
+            maxsize=max_entries, ttu=lambda _k, v, _now: v[0].expires_at, timer=clock
         )
         # The entries each unsettled warm registered; settle re-inserts them even if they expired
         # meanwhile (a warm that times out settles exactly when its warming entry runs out).
@@ -256,12 +257,23 @@ class MemoryRegistry:
             if current is not None and current.warm.state is State.WARM and not self._worth_rewarming(current, now):
                 continue
             entry = Entry(warm, bp.position, TTL_SECONDS[bp.ttl] * self._ttl_scale, now + self._warm_timeout)
-            self._entries[key] = entry
+            self._store(key, entry)
             keys.append((key, entry))
         self._keys_of[id(warm)] = keys
         warm.keys = [k for k, _ in keys]
+        warm.expires_at = max(warm.expires_at, now + self._warm_timeout)
         self._by_id[warm.prefix] = (warm, prefix.key(last.position))
         return warm, True
+
+    def _store(self, key: bytes, entry: Entry) -> None:
+        """(Re-)insert an entry (TLRU computes expiry on insert); its warm's id lives as long."""
+        self._entries[key] = entry
+        warm = entry.warm
+        if entry.expires_at > warm.expires_at:
+            warm.expires_at = entry.expires_at
+            found = self._by_id.get(warm.prefix)
+            if found is not None and found[0] is warm:
+                self._by_id[warm.prefix] = found
 
     def _worth_rewarming(self, entry: Entry, now: float) -> bool:
         state = entry.warm.state
@@ -276,6 +288,8 @@ class MemoryRegistry:
         warm.state = state
         warm.settled_at = now
         warm.error = error
+        warm.expires_at = 0.0  # recomputed from the entries' new expiries below
+        found = self._by_id.get(warm.prefix)
         for key, entry in self._keys_of.pop(id(warm), ()):
             current = self._entries.get(key)
             if current is not None and current is not entry:
@@ -285,7 +299,9 @@ class MemoryRegistry:
             else:
                 # The upstream TTL counts from the start of the request that wrote the entry.
                 entry.expires_at = warm.started_at + entry.ttl
-            self._entries[key] = entry  # re-insert: TLRU computes expiry on insert
+            self._store(key, entry)
+        if found is not None and found[0] is warm:
+            self._by_id[warm.prefix] = found
         warm._settled.set()
 
     async def touch(self, match: Match) -> None:
@@ -297,7 +313,7 @@ class MemoryRegistry:
         if warm.state is State.WARM:
             entry.expires_at = now + entry.ttl
             if self._entries.get(match.key) is entry:
-                self._entries[match.key] = entry
+                self._store(match.key, entry)
 
     async def refreshed(self, warm: Warm) -> None:
         now = self._clock()
@@ -305,7 +321,7 @@ class MemoryRegistry:
             entry = self._entries.get(key)
             if entry is not None and entry.warm is warm:
                 entry.expires_at = now + entry.ttl
-                self._entries[key] = entry
+                self._store(key, entry)
 
     async def close(self) -> None:
         for warm, _key in list(self._by_id.values()):

@@ -287,7 +287,7 @@ class Mirror(MemoryRegistry):
                 if held is State.WARMING or (held is State.WARM and not self._worth_rewarming(current, now)):
                     continue
             entry = Entry(warm, position, ttl, expires_at)
-            self._entries[key] = entry
+            self._store(key, entry)
             taken.append((key, entry))
         if not warm.settled:
             self._keys_of[id(warm)] = taken

@@ -124,3 +124,20 @@ async def test_snapshot_shows_ids_and_states_never_content() -> None:
     assert snap[0]["prefix"] == warm.prefix and snap[0]["state"] == "warming"
     assert "b0" not in repr(snap)
     assert reg.snapshot(tenant=B) == []
+
+
+async def test_a_warms_id_is_forgotten_when_its_entries_expire() -> None:
+    clock = Clock()
+    reg = registry(clock)
+    warm, _ = await reg.begin(A, req())
+    await reg.settle(warm, State.WARM)
+    clock.now += 200
+    assert await reg.get(A, warm.prefix) is not None
+    m = await reg.match(req())
+    assert m is not None
+    await reg.touch(m)  # used: it lives 300 s from now
+    clock.now += 250
+    assert await reg.get(A, warm.prefix) is not None
+    clock.now += 51
+    assert await reg.get(A, warm.prefix) is None
+    assert len(reg._by_id) == 0  # nothing of it is kept: memory stays bounded by live warms
