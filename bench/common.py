@@ -7,6 +7,7 @@ process of its own (``python -m bench.servers``), so nothing under test shares i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -188,6 +189,23 @@ async def get_json(session: aiohttp.ClientSession, url: str, method: str = "GET"
 # --- request bodies -------------------------------------------------------------------------------
 _UTF8_WORDS: Final = ("café", "naïve", "résumé", "Zürich", "smörgåsbord", "数据库", "页面缓存", "ページ", "키보드",
                       "🚀", "🙂", "Ελληνικά", "кэш", "δ→ε", "—", "emoji✨")
+
+
+async def release_gate(
+    session: aiohttp.ClientSession, sim: str, gate: str, tasks: Sequence[Awaitable[Any]]
+) -> tuple[list[Any], list[dict[str, Any]], float]:
+    """Open ``gate`` on the simulator (its warm answers), await the held ``tasks``, and read the log.
+
+    Returns the tasks' results, the simulator's request log, and when the warm's response began
+    (simulator clock): what release lag is measured from.
+    """
+    await get_json(session, sim + f"/_sim/gates/{gate}/open", "POST")
+    outcomes = list(await asyncio.gather(*tasks))
+    log: list[dict[str, Any]] = await get_json(session, sim + "/_sim/requests")
+    warms = [e for e in log if e.get("gate") == gate]
+    if len(warms) != 1 or warms[0]["response_started_at"] is None:
+        raise RuntimeError(f"expected one warm with a response in the simulator log, got {len(warms)}")
+    return outcomes, log, float(warms[0]["response_started_at"])
 
 
 def context_text(n_bytes: int, kind: str = "ascii", seed: int = 0) -> str:

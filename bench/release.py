@@ -32,6 +32,7 @@ from bench.common import (
     get_json,
     headers,
     question_body,
+    release_gate,
     summary,
     table,
     warm_body,
@@ -80,13 +81,7 @@ async def _trial(session: aiohttp.ClientSession, proxy: str, sim: str, n: int) -
         return held_seen >= n
 
     await _until(all_held)
-    await get_json(session, sim + f"/_sim/gates/{gate}/open", "POST")
-    outcomes = await asyncio.gather(*tasks)
-    log = await get_json(session, sim + "/_sim/requests")
-    warms = [e for e in log if e.get("gate") == gate]
-    if len(warms) != 1 or warms[0]["response_started_at"] is None:
-        raise RuntimeError(f"expected one warm with a response in the simulator log, got {warms}")
-    started = warms[0]["response_started_at"]
+    outcomes, log, started = await release_gate(session, sim, gate, tasks)
     held = [e for e in log if e["path"] == "/v1/messages" and e.get("gate") is None]
     return {
         "n": n,

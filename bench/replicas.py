@@ -48,6 +48,7 @@ from bench.common import (
     get_json,
     headers,
     question_body,
+    release_gate,
     summary,
     table,
     warm_body,
@@ -193,13 +194,7 @@ async def trial(session: aiohttp.ClientSession, urls: list[str], sim: str, n: in
         return held == share
 
     await _until(all_held)
-    await get_json(session, sim + f"/_sim/gates/{gate}/open", "POST")
-    outcomes = await asyncio.gather(*tasks)
-    log = await get_json(session, sim + "/_sim/requests")
-    warms = [e for e in log if e.get("gate") == gate]
-    if len(warms) != 1 or warms[0]["response_started_at"] is None:
-        raise RuntimeError(f"expected one warm with a response in the simulator log, got {len(warms)}")
-    started = warms[0]["response_started_at"]
+    outcomes, log, started = await release_gate(session, sim, gate, tasks)
     lags: dict[str, list[float]] = {"origin": [], "other": []}
     for e in log:
         replica = replica_of.get(e.get("sha256"))
