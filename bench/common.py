@@ -343,7 +343,7 @@ def environment() -> dict[str, Any]:
     try:
         import uvloop
 
-        loop = f"uvloop {uvloop.__version__}"
+        loop = f"uvloop {getattr(uvloop, '__version__', '?')}"
     except ImportError:
         loop = "asyncio"
     return {"python": platform.python_version(), "aiohttp": _aiohttp.__version__, "loop": loop,

@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from specproxy import __version__, logs, status
+from specproxy import logs
+from specproxy.admin import healthz, json_response, metrics_endpoint, openapi, status_json, status_page
 from specproxy.config import Settings
 from specproxy.credentials import Credentials, presented
 from specproxy.errors import (
@@ -29,6 +29,20 @@ from specproxy.errors import (
 )
 from specproxy.forward import Forwarder, Relayed, upstream_request_headers
 from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict
+from specproxy.keys import (
+    CREDENTIALS,
+    FORWARDER,
+    HOLDER,
+    LOG,
+    METRICS,
+    REGISTRY,
+    SETTINGS,
+    SPECULATOR,
+    STARTED,
+    TIMERS,
+    WARMER,
+    Handler,
+)
 from specproxy.metrics import DEFAULT_PRICING, Metrics
 from specproxy.prefix import PrefixError, compute, tenant_digest, truncated, with_implicit_breakpoint
 from specproxy.registry import Kind, MemoryRegistry, Registry, State, Warm
@@ -38,21 +52,6 @@ from specproxy.usage import Usage
 from specproxy.warmer import TenantWarmLimits, Warmer, WarmResult
 
 log = logging.getLogger("specproxy.app")
-OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-
-SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)
-HOLDER = web.AppKey("holder", Holder)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-WARMER = web.AppKey("warmer", Warmer)
-STARTED = web.AppKey("started", float)
-METRICS = web.AppKey("metrics", Metrics)
-CREDENTIALS = web.AppKey("credentials", Credentials)
-SPECULATOR = web.AppKey("speculator", Speculator)
-TIMERS = web.AppKey("timers", set)  # wasted-warm checks, cancelled at shutdown
-LOG = web.RequestKey("log", dict)  # the fields of this request's log line
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _route_label(request: web.Request) -> str:
@@ -100,10 +99,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return from_http_exception(exc)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:
@@ -244,7 +239,7 @@ async def prewarm(request: web.Request) -> web.Response:
     if request.query.get("wait") in ("1", "true", "yes"):
         await warm.wait(settings.warm_timeout)
         status = 200
-    return _json(
+    return json_response(
         {"prefix": warm.prefix, "state": str(warm.state), "breakpoints": warm.breakpoints, "sent": started},
         status=status,
     )
@@ -257,60 +252,7 @@ async def prewarm_state(request: web.Request) -> web.Response:
     if found is None:
         raise NotFound("No warm with that prefix id for this credential.")
     warm, expires_at = found
-    return _json(warm.as_json(time.monotonic(), expires_at))
-
-
-async def openapi(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the OpenAPI document of the proxy's own endpoints."""
-    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text format."""
-    app = request.app
-    app[METRICS].registry_entries.set(len(app[REGISTRY]))
-    app[METRICS].degraded.set(1 if getattr(app[REGISTRY], "degraded", False) else 0)
-    return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
-
-
-def _status_data(app: web.Application) -> dict[str, Any]:
-    return status.payload(
-        uptime=time.monotonic() - app[STARTED],
-        summary=app[METRICS].summary(),
-        registry=app[REGISTRY].snapshot(),
-        held=app[HOLDER].held,
-        warms_in_flight=app[WARMER].in_flight,
-    )
-
-
-async def status_json(request: web.Request) -> web.Response:
-    """``GET /status.json``: what the status page shows, as JSON."""
-    status.check_admin(request, request.app[SETTINGS].admin_token)
-    return _json(_status_data(request.app))
-
-
-async def status_page(request: web.Request) -> web.Response:
-    """``GET /status``: a self-refreshing HTML page; no external assets."""
-    status.check_admin(request, request.app[SETTINGS].admin_token)
-    return web.Response(text=status.PAGE, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: liveness and a little state, never secrets."""
-    app = request.app
-    return _json(
-        {
-            "status": "ok",
-            "version": __version__,
-            "registry": app[SETTINGS].registry,
-            "registry_degraded": bool(getattr(app[REGISTRY], "degraded", False)),
-            "held": app[HOLDER].held,
-            "warms_in_flight": app[WARMER].in_flight,
-            "uptime_s": round(time.monotonic() - app[STARTED], 3),
-        }
-    )
+    return json_response(warm.as_json(time.monotonic(), expires_at))
 
 
 # --- the factory ----------------------------------------------------------------------------------

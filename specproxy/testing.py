@@ -107,7 +107,7 @@ class ProxyHandle:
     @property
     def held(self) -> int:
         """Requests held right now."""
-        from specproxy.app import HOLDER
+        from specproxy.keys import HOLDER
 
         return self.app[HOLDER].held
 

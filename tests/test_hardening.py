@@ -22,8 +22,8 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from specproxy.app import FORWARDER, REGISTRY, WARMER
 from specproxy.config import ConfigError, load_settings
+from specproxy.keys import FORWARDER, REGISTRY, WARMER
 from specproxy.registry import State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
 from tests.conftest import KEY_A, KEY_B, eventually, headers, question_body, warm_body

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from specproxy import hold
-from specproxy.app import OPENAPI_PATH, create_app
+from specproxy.admin import OPENAPI_PATH
+from specproxy.app import create_app
 from specproxy.config import Settings
 from specproxy.registry import State
 from specproxy.testing import ProxyHandle, run_proxy, run_sim

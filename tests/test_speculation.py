@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from specproxy.app import METRICS, REGISTRY
+from specproxy.keys import METRICS, REGISTRY
 from specproxy.registry import Kind, State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy, run_sim
 from tests.conftest import CONTEXT, KEY_A, KEY_B, MODEL, eventually, headers, question_body, warm_body
