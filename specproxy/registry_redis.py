@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -128,6 +129,7 @@ class RedisRegistry:
         connect_timeout: float = 1.0,
         reconnect_max: float = 2.0,
     ) -> None:
+        self._scripts_loaded = False
         self._url = url
         self._clock = clock
         self._warm_timeout = warm_timeout
@@ -178,6 +180,7 @@ class RedisRegistry:
         )
         self._begin_script = self._redis.register_script(_BEGIN)
         self._upsert_script = self._redis.register_script(_UPSERT)
+        self._scripts_loaded = False
         self._spawn(self._supervise())
         self._spawn(self._write_outbox())
         with contextlib.suppress(TimeoutError):
@@ -350,6 +353,13 @@ class RedisRegistry:
         """Write this replica's own warms to Redis (keys free or already theirs) and announce them."""
         assert self._redis is not None
         now = self._clock()
+        script = self._upsert_script
+        if script.sha is None or not self._scripts_loaded:
+            # Load once (and after a Redis restart): a pipeline carrying a Script object would ask
+            # SCRIPT EXISTS first, a round trip during which this replica's released holders run
+            # and the settle reaches the other replicas tens of milliseconds late.
+            await self._redis.script_load(_UPSERT)
+            self._scripts_loaded = True
         async with self._redis.pipeline(transaction=False) as pipe:
             for warm in warms:
                 rec = orjson.dumps(to_record(warm, now=now))
@@ -361,8 +371,12 @@ class RedisRegistry:
                     pxs.append(_ms(left[-1]))
                 announce = announcement(rec, [_ms(r) if r > 0 else 0 for r in left])
                 args: list[bytes | str | int] = [warm.uid, str(warm.state), rec, self._channel, announce, *pxs]
-                await self._upsert_script(keys=keys, args=args, client=pipe)
-            await pipe.execute()
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                self._scripts_loaded = False  # Redis restarted empty: load and write again
+                raise
         self._unsynced.difference_update(w.uid for w in warms)
         _honour_cancel()
 
