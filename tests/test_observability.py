@@ -431,6 +431,7 @@ async def test_a_held_request_whose_client_left_is_counted_as_499_and_leaves_the
 
     await eventually(counted)
     assert (await scrape(http, proxy)).value("specproxy_held_requests") == 0
+    await sim.state.gates.wait_for_waiters("warm", 1)
     await sim.open_gate("warm")
     assert [e["max_tokens"] for e in await sim.requests()] == [0]  # nothing was sent for the question
 

@@ -134,6 +134,7 @@ async def test_question_sent_while_its_warm_is_in_flight_is_held_then_reads_the_
     warm = await prewarm(http, proxy, **{"x-sim-gate": "warm"})
     question = asyncio.create_task(ask(http, proxy))
     await eventually(lambda: proxy.held == 1)
+    await sim.state.gates.wait_for_waiters("warm", 1)
     assert (await sim.stats())["requests"] == 1  # only the warm has reached the upstream
     await sim.open_gate("warm")
     r, body = await question

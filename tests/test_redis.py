@@ -287,6 +287,7 @@ async def test_questions_on_two_replicas_are_held_by_a_warm_in_flight_on_the_thi
         questions = [asyncio.create_task(ask(http, rep, question=f"question {i}?"))
                      for i, rep in enumerate([b, c, b, c, a])]
         await eventually(lambda: (b.held, c.held, a.held) == (2, 2, 1))
+        await sim.state.gates.wait_for_waiters("warm", 1)
         assert (await sim.stats())["requests"] == 1  # only the warm has reached the upstream
         await sim.open_gate("warm")
         answers = await asyncio.gather(*questions)

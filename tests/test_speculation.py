@@ -38,6 +38,7 @@ async def test_ten_parallel_cold_streaming_requests_write_the_cache_once(
     tasks = [asyncio.create_task(ask(http, proxy, question_body(f"q{i}?", stream=True), **{"x-sim-gate": "g"}))
              for i in range(10)]
     await eventually(lambda: proxy.held == 9)
+    await sim.state.gates.wait_for_waiters("g", 1)
     assert (await sim.stats())["requests"] == 1  # only the leader went, and it waits at the gate
     await sim.open_gate("g")
     answers = await asyncio.gather(*tasks)
