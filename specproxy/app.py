@@ -147,7 +147,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         assert leader is not None
         state = State.WARM if usage and (usage.cache_read or usage.cache_written) else State.UNCACHEABLE
         await registry.settle(leader, state)
-        if state is State.WARM and verdict.body is not None and verdict.parsed is not None:
+        if state is State.WARM and speculator.keeps_bodies and verdict.body is not None and verdict.parsed:
             last = verdict.parsed.breakpoints[-1].position
             speculator.keep_body(leader, truncated(verdict.body, verdict.parsed, last), request.headers, len(raw))
             speculator.used(leader, leader.ttl)

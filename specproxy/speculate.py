@@ -177,9 +177,14 @@ class Speculator:
         return warm
 
     # --- keep-warm ------------------------------------------------------------------------------------
+    @property
+    def keeps_bodies(self) -> bool:
+        """Whether anything will re-send a warm (keep-warm on): only then are bodies kept at all."""
+        return self._s.keep_warm
+
     def keep_body(self, warm: Warm, body: dict[str, Any], headers: Any, size: int) -> None:
         """Keep what a keep-warm re-send needs (only when keep-warm is on)."""
-        if self._s.keep_warm:
+        if self.keeps_bodies:
             self.bodies.keep(warm, body, self._upstream_headers(headers), size)
 
     def used(self, warm: Warm, ttl: float) -> None:
