@@ -181,6 +181,18 @@ class FlowResult:
     prefix: str
     warm: dict[str, Any] | None = None
     upstream_requests: int | None = None
+    # The same flow's cost with every simulated delay at zero (client, proxy and simulator CPU): real
+    # seconds that a faster simulator does not shrink, so they are not scaled up either.
+    fixed_ttft: float = 0.0
+    fixed_total: float = 0.0
+
+    def simulated(self, scale: float) -> tuple[float, float]:
+        """(TTFT, total) in simulated seconds: fixed local cost + the simulator's delays / scale."""
+
+        def up(measured: float, fixed: float) -> float:
+            return fixed + max(0.0, measured - fixed) / scale
+
+        return up(self.ttft, self.fixed_ttft), up(self.total, self.fixed_total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,9 +319,11 @@ def report(std: FlowResult, spec: FlowResult, time_scale: float, simulated: bool
     scaled = scale != 1.0
     tag = " (simulated)" if scaled else ""
     unit = " simulated s" if scaled else " s"
+    std_ttft, std_total = std.simulated(scale) if scaled else (std.ttft, std.total)
+    spec_ttft, spec_total = spec.simulated(scale) if scaled else (spec.ttft, spec.total)
     rows: list[tuple[str, str, str]] = [
-        (f"time to first token{tag}", f"{std.ttft / scale:.2f} s", f"{spec.ttft / scale:.2f} s"),
-        (f"total time{tag}", f"{std.total / scale:.2f} s", f"{spec.total / scale:.2f} s"),
+        (f"time to first token{tag}", f"{std_ttft:.2f} s", f"{spec_ttft:.2f} s"),
+        (f"total time{tag}", f"{std_total:.2f} s", f"{spec_total:.2f} s"),
     ]
     if scaled:
         rows += [
@@ -331,17 +345,19 @@ def report(std: FlowResult, spec: FlowResult, time_scale: float, simulated: bool
     col = max(17, *(len(v) for r in rows for v in r[1:]))
     lines = [f"{'':{width}}{'standard':>{col}}  {'speculative':>{col}}"]
     lines += [f"{label:{width}}{a:>{col}}  {b:>{col}}" for label, a, b in rows]
-    ttft_gain = improvement(std.ttft, spec.ttft)
-    total_gain = improvement(std.total, spec.total)
+    ttft_gain = improvement(std_ttft, spec_ttft)
+    total_gain = improvement(std_total, spec_total)
     lines += [
         "",
-        f"TTFT improvement:  {ttft_gain:.1f}% ({(std.ttft - spec.ttft) / scale:.2f}{unit} faster)",
-        f"Total improvement: {total_gain:.1f}% ({(std.total - spec.total) / scale:.2f}{unit} faster)",
+        f"TTFT improvement:  {ttft_gain:.1f}% ({std_ttft - spec_ttft:.2f}{unit} faster)",
+        f"Total improvement: {total_gain:.1f}% ({std_total - spec_total:.2f}{unit} faster)",
     ]
     if scaled:
         lines.append(
-            f"Simulated seconds are measured seconds / time scale {time_scale:g}: the simulator ran every\n"
-            f"delay {1 / time_scale:g} times faster (fixed client and proxy overheads are scaled up by as much)."
+            f"Simulated seconds: the simulator ran every delay {1 / time_scale:g} times faster, so the measured\n"
+            f"time above the flow's fixed local cost (the same flow with no simulated delay: client, proxy and\n"
+            f"simulator CPU, {std.fixed_ttft * 1000:.0f} / {spec.fixed_ttft * 1000:.0f} ms to the first token) "
+            f"is multiplied by {1 / time_scale:g}; the fixed cost is not."
         )
     if spec.upstream_requests is not None:
         lines.append("The speculative flow's upstream requests are the warm (max_tokens 0) and the question.")
@@ -351,6 +367,35 @@ def report(std: FlowResult, spec: FlowResult, time_scale: float, simulated: bool
             "had written the cache, then read it."
         )
     return lines
+
+
+async def fixed_costs(model: str, context_tokens: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Both flows once more with every simulated delay at zero: their fixed local costs, real seconds.
+
+    What is left when the simulator sleeps for nothing is the work of the SDK, the proxy and the
+    simulator on this machine; a time-scaled run must not multiply it by 1/scale.
+    """
+    import io
+
+    from anthropic import AsyncAnthropic
+
+    from specproxy.app import create_app
+    from specproxy.serving import running
+    from specproxy.testing import run_sim
+
+    quiet = Progress(io.StringIO(), io.StringIO())
+    async with run_sim(time_scale=0.0) as sim:
+        settings = Settings(upstream=sim.url, log_level="warning")
+        async with (
+            running(create_app(settings)) as proxy,
+            aiohttp.ClientSession() as http,
+            AsyncAnthropic(base_url=proxy.url, api_key="demo-key", max_retries=0) as client,
+        ):
+            plan = Plan(proxy.url, model, 0.0, context_tokens)
+            await _sdk_warm_up(client, model)
+            std = await run_flow("fixed-standard", client, http, plan, quiet, speculative=False, sim=sim)
+            spec = await run_flow("fixed-speculative", client, http, plan, quiet, speculative=True, sim=sim)
+    return (std.ttft, std.total), (spec.ttft, spec.total)
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -433,6 +478,12 @@ async def _main(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             finally:
                 await client.close()
 
+    if not real and 0 < time_scale < 1:
+        progress.line()
+        progress.line("calibration: both flows again with no simulated delay (the fixed local cost)")
+        fixed_std, fixed_spec = await progress.wait("measuring", fixed_costs(model, context_tokens))
+        std.fixed_ttft, std.fixed_total = fixed_std
+        spec.fixed_ttft, spec.fixed_total = fixed_spec
     progress.line()
     for text in report(std, spec, time_scale, simulated=not real):
         progress.line(text)

@@ -144,3 +144,14 @@ def test_readme_opens_with_the_demo_command_then_the_test_command() -> None:
     blocks = re.findall(r"```\w*\n(.*?)```", readme.read_text(encoding="utf-8"), re.S)
     assert blocks[0].strip().startswith("python -m pip install -e '.[demo]' && specproxy demo")
     assert blocks[1].strip() == "python -m pip install -e '.[test]' && python -m pytest"
+
+
+def test_simulated_seconds_scale_only_what_the_simulator_slept() -> None:
+    from specproxy.demo import FlowResult
+
+    flow = FlowResult(name="f", ttft=0.05, total=0.2, usage={}, header="hit", wait_ms=0, prefix="-",
+                      fixed_ttft=0.01, fixed_total=0.02)
+    ttft, total = flow.simulated(0.02)
+    assert round(ttft, 6) == 2.01 and round(total, 6) == 9.02  # 0.01 + 0.04 / 0.02; 0.02 + 0.18 / 0.02
+    assert FlowResult(name="f", ttft=0.005, total=0.01, usage={}, header="hit", wait_ms=0, prefix="-",
+                      fixed_ttft=0.01, fixed_total=0.02).simulated(0.5) == (0.01, 0.02)  # never below the fixed
