@@ -147,9 +147,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         assert leader is not None
         state = State.WARM if usage and (usage.cache_read or usage.cache_written) else State.UNCACHEABLE
         await registry.settle(leader, state)
-        if state is State.WARM and speculator.keeps_bodies and verdict.body is not None and verdict.parsed:
-            last = verdict.parsed.breakpoints[-1].position
-            speculator.keep_body(leader, truncated(verdict.body, verdict.parsed, last), request.headers, len(raw))
+        parsed = verdict.parsed
+        if state is State.WARM and speculator.keeps_bodies and verdict.body and parsed and not parsed.images:
+            last = parsed.breakpoints[-1].position
+            speculator.keep_body(leader, truncated(verdict.body, parsed, last), request.headers, len(raw))
             speculator.used(leader, leader.ttl)
 
     try:
@@ -222,11 +223,14 @@ async def prewarm(request: web.Request) -> web.Response:
     settings = app[SETTINGS]
     try:
         parsed = compute(body, tenant, settings.volatile_system_prefixes)
-        if not parsed.breakpoints:
-            body = with_implicit_breakpoint(body)
-            parsed = compute(body, tenant, settings.volatile_system_prefixes)
     except PrefixError as exc:
         raise InvalidRequest(str(exc)) from None
+    if not parsed.breakpoints:
+        # The implicit breakpoint: automatic caching, which lands on the last cacheable block.
+        if not parsed.cacheable:
+            raise InvalidRequest("cache_control: no block in the request can carry a cache breakpoint")
+        body = with_implicit_breakpoint(body)
+        parsed = parsed.with_breakpoint(max(parsed.cacheable))
 
     request[LOG]["tenant"] = tenant
     warm, started = await app[WARMER].warm(

@@ -47,6 +47,9 @@ class Prefix:
     # -1 for b (or i) when the content (or system) is a plain string.
     locations: tuple[tuple[str, int, int], ...] = ()
     cacheable: frozenset[int] = frozenset()  # positions that may carry a breakpoint
+    # Images anywhere change the messages level's identity upstream, so a body cut before an image
+    # is not a prefix of the whole: speculation never cuts such a body (see :func:`truncated`).
+    images: bool = False
 
     def key(self, position: int) -> bytes:
         return self.chain[position]
@@ -66,6 +69,26 @@ class Prefix:
     @property
     def last_breakpoint(self) -> Breakpoint | None:
         return self.breakpoints[-1] if self.breakpoints else None
+
+    def with_breakpoint(self, position: int, ttl: str = "5m") -> Prefix:
+        """The identity of the same body with one more breakpoint: no re-hashing, since
+        ``cache_control`` is not part of any chain value (see :func:`with_breakpoint_at`)."""
+        if any(bp.position == position for bp in self.breakpoints):
+            return self
+        bps = tuple(sorted((*self.breakpoints, Breakpoint(position, ttl)), key=lambda b: b.position))
+        return Prefix(self.chain, bps, self.item_count, self.locations, self.cacheable, self.images)
+
+    def cut(self, position: int) -> Prefix:
+        """The identity of :func:`truncated` (the body cut after ``position``): a slice of this one."""
+        end = position + 1
+        return Prefix(
+            self.chain[:end],
+            tuple(bp for bp in self.breakpoints if bp.position < end),
+            end,
+            self.locations[:end],
+            frozenset(p for p in self.cacheable if p < end),
+            self.images,
+        )
 
 
 def tenant_digest(credential: str) -> str:
@@ -218,6 +241,7 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         item_count=len(chain),
         locations=tuple(locations),
         cacheable=frozenset(cacheable_positions),
+        images=has_image,
     )
 
 
@@ -291,6 +315,8 @@ def truncated(body: dict[str, Any], prefix: Prefix, position: int) -> dict[str, 
             msg = {**msg, "content": list(msg["content"][: b + 1])}
         messages.append(msg)
         out["messages"] = messages
+    if not out["messages"]:  # the API wants a message; one after the cut changes nothing before it
+        out["messages"] = [{"role": "user", "content": "."}]
     return out
 
 

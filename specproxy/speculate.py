@@ -31,7 +31,16 @@ from specproxy.errors import RateLimited
 from specproxy.forward import Relayed, upstream_request_headers
 from specproxy.hold import Verdict
 from specproxy.metrics import Metrics
-from specproxy.prefix import LOOKBACK, Breakpoint, Prefix, PrefixError, compute, truncated, with_breakpoint_at
+from specproxy.prefix import (
+    LOOKBACK,
+    TTL_SECONDS,
+    Breakpoint,
+    Prefix,
+    PrefixError,
+    compute,
+    truncated,
+    with_breakpoint_at,
+)
 from specproxy.registry import Kind, Match, Registry, State, Warm
 from specproxy.usage import Usage
 from specproxy.warmer import Warmer
@@ -100,15 +109,17 @@ class Speculator:
     async def json_follower(self, verdict: Verdict, match: Match, headers: Any) -> Warm | None:
         """A follower of a non-streaming leader: warm the shared prefix ourselves; hold on that."""
         assert verdict.body is not None and verdict.parsed is not None and verdict.tenant is not None
+        if verdict.parsed.images:
+            return None  # a cut body would drop images: not the same prefix upstream; follow the leader
+        pos = match.position
+        parsed = verdict.parsed.cut(pos)  # the cut body's identity: no parsing or hashing again
+        body = truncated(verdict.body, verdict.parsed, pos)
+        if all(bp.position != pos for bp in parsed.breakpoints):
+            body, parsed = with_breakpoint_at(body, parsed, pos), parsed.with_breakpoint(pos)
         try:
-            body = truncated(verdict.body, verdict.parsed, match.position)
-            parsed = compute(body, verdict.tenant, self._volatile)
-            if match.position not in {bp.position for bp in parsed.breakpoints}:
-                body = with_breakpoint_at(body, parsed, match.position)
-                parsed = compute(body, verdict.tenant, self._volatile)
             warm, _ = await self._warmer.warm(verdict.tenant, parsed, body, self._upstream_headers(headers),
                                               kind=Kind.COALESCE, replace=True)
-        except (PrefixError, RateLimited):
+        except RateLimited:
             return None
         return warm
 
@@ -125,11 +136,9 @@ class Speculator:
             return False
         if match.position not in parsed.cacheable:
             return False
-        new_body = with_breakpoint_at(body, parsed, match.position, "1h" if match.entry.ttl >= 3600 else "5m")
-        try:
-            verdict.parsed = compute(new_body, verdict.tenant, self._volatile)
-        except PrefixError:
-            return False
+        ttl = "1h" if match.entry.ttl >= TTL_SECONDS["1h"] * self._s.cache_ttl_scale else "5m"
+        new_body = with_breakpoint_at(body, parsed, match.position, ttl)
+        verdict.parsed = parsed.with_breakpoint(match.position, ttl)
         verdict.body = new_body
         verdict.raw = orjson.dumps(new_body)
         verdict.injected = True
@@ -162,8 +171,7 @@ class Speculator:
                 return None
             if len(parsed.breakpoints) >= 4:
                 return None
-            extended = with_breakpoint_at(extended, parsed, last)
-            parsed = compute(extended, tenant, self._volatile)
+            extended, parsed = with_breakpoint_at(extended, parsed, last), parsed.with_breakpoint(last)
             warm, started = await self._warmer.warm(tenant, parsed, extended, self._upstream_headers(headers),
                                                     kind=Kind.NEXT_TURN)
         except PrefixError:

@@ -138,3 +138,19 @@ def test_prefix_id_is_sixteen_hex_characters() -> None:
 def test_unusable_shapes_raise_prefix_error(bad: dict[str, Any]) -> None:
     with pytest.raises(PrefixError):
         compute(bad, T)
+
+
+def test_cut_and_added_breakpoint_equal_recomputing_the_changed_body() -> None:
+    from specproxy.prefix import truncated, with_breakpoint_at
+
+    full = {**body(6, bp=1), "system": [{"type": "text", "text": "s"}], "tools": [{"name": "t", "input_schema": {}}]}
+    p = compute(full, T)
+    for pos in range(p.item_count):
+        cut = compute(truncated(full, p, pos), T)
+        # (a cut inside tools or system gets a placeholder message after it: the API needs one)
+        assert cut.chain[: pos + 1] == p.cut(pos).chain
+        assert cut.breakpoints == p.cut(pos).breakpoints
+        if pos in p.cacheable:
+            marked = with_breakpoint_at(full, p, pos)
+            assert compute(marked, T).breakpoints == p.with_breakpoint(pos).breakpoints
+            assert compute(marked, T).chain == p.chain
