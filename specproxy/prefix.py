@@ -267,28 +267,21 @@ def with_breakpoint_at(body: dict[str, Any], prefix: Prefix, position: int, ttl:
     """
     section, i, b = prefix.locations[position]
     out = dict(body)
-    if section == "tools":
-        tools = list(body["tools"])
-        tools[i] = _marked(tools[i], ttl)
-        out["tools"] = tools
-    elif section == "system":
-        if i < 0:
-            out["system"] = [_marked({"type": "text", "text": body["system"]}, ttl)]
-        else:
-            system = list(body["system"])
-            system[i] = _marked(system[i], ttl)
-            out["system"] = system
-    else:
+    if section == "messages":
         messages = list(body["messages"])
-        msg = dict(messages[i])
-        if b < 0:
-            msg["content"] = [_marked({"type": "text", "text": msg["content"]}, ttl)]
-        else:
-            content = list(msg["content"])
-            content[b] = _marked(content[b], ttl)
-            msg["content"] = content
-        messages[i] = msg
+        messages[i] = {**messages[i], "content": _mark_in(messages[i]["content"], b, ttl)}
         out["messages"] = messages
+    else:
+        out[section] = _mark_in(body[section], i, ttl)
+    return out
+
+
+def _mark_in(value: Any, index: int, ttl: str) -> list[Any]:
+    """A list of blocks (or a plain string as one text block) with the one at ``index`` marked."""
+    if index < 0:
+        return [_marked({"type": "text", "text": value}, ttl)]
+    out = list(value)
+    out[index] = _marked(out[index], ttl)
     return out
 
 
