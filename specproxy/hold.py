@@ -15,7 +15,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from specproxy.credentials import presented as credential
+from specproxy.credentials import presented
 from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, prefix_id, tenant_digest
 from specproxy.registry import Kind, Match, Registry, State, Warm
 
@@ -130,7 +130,7 @@ class Holder:
         """Parse and hash: a ``bypass`` verdict, or one carrying the prefix to match (outcome ``miss``)."""
         if not has_breakpoint_marker(raw) and not self._inject:
             return Verdict(BYPASS)  # cannot carry a breakpoint: not even parsed
-        cred = credential(headers)
+        cred = presented(headers)
         if cred is None:
             return Verdict(BYPASS)
         try:

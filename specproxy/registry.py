@@ -33,7 +33,6 @@ class Kind(enum.StrEnum):
     LEADER_JSON = "leader-json"  # a cold non-streaming request: settles when its response arrives
     COALESCE = "coalesce"  # the proxy's own max_tokens 0 warm for followers of a non-streaming leader
     NEXT_TURN = "next-turn"  # the conversation extended with the reply
-    KEEP_WARM = "keep-warm"  # (refreshes reuse the warm they refresh; kept for the metrics label)
 
 
 class State(enum.StrEnum):

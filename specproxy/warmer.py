@@ -256,4 +256,3 @@ async def _error_type(resp: aiohttp.ClientResponse) -> str:
         return f"http_{resp.status}"
 
 
-__all__ = ["RateLimited", "TenantWarmLimits", "WarmResult", "Warmer", "needs_fallback", "warm_body"]
