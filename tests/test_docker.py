@@ -207,7 +207,7 @@ def _free_port() -> int:
 def test_image_install_step_yields_a_working_entry_point_and_health_check(tmp_path: Path) -> None:
     """Build what the Dockerfile copies into a fresh venv; serve; the HEALTHCHECK command passes.
 
-    Dependencies come from this interpreter (``--system-site-packages``) to stay fast and offline;
+    Dependencies come from this interpreter (its site-packages, venv or not) to stay fast and offline;
     set ``SPECPROXY_TEST_DOCKER_INSTALL=1`` to install them from the index into an isolated venv.
     """
     context = tmp_path / "context"
@@ -224,6 +224,12 @@ def test_image_install_step_yields_a_working_entry_point_and_health_check(tmp_pa
         [sys.executable, "-m", "venv", *([] if full else ["--system-site-packages"]), str(venv)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+    if not full:
+        # ``--system-site-packages`` exposes the *base* interpreter's packages; when the suite itself runs in a
+        # virtualenv its dependencies live elsewhere, so point the fresh venv at this interpreter's paths too.
+        fresh_site = next(venv.glob("lib/python*/site-packages"), venv / "Lib" / "site-packages")
+        ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+        (fresh_site / "_specproxy_test_deps.pth").write_text("\n".join(ours) + "\n")
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     pip = [str(bindir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     done = subprocess.run(
