@@ -18,6 +18,7 @@ from aiohttp import web
 
 from specproxy import logs
 from specproxy.admin import healthz, json_response, metrics_endpoint, openapi, status_json, status_page
+from specproxy.bodies import cut, with_implicit_breakpoint
 from specproxy.config import Settings
 from specproxy.credentials import Credentials, presented
 from specproxy.errors import (
@@ -44,7 +45,7 @@ from specproxy.keys import (
     Handler,
 )
 from specproxy.metrics import DEFAULT_PRICING, Metrics
-from specproxy.prefix import PrefixError, compute, tenant_digest, truncated, with_implicit_breakpoint
+from specproxy.prefix import PrefixError, compute, tenant_digest
 from specproxy.registry import Kind, MemoryRegistry, Registry, State, Warm
 from specproxy.serving import serve_forever
 from specproxy.speculate import Speculator
@@ -150,7 +151,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         parsed = verdict.parsed
         if state is State.WARM and speculator.keeps_bodies and verdict.body and parsed and not parsed.images:
             last = parsed.breakpoints[-1].position
-            speculator.keep_body(leader, truncated(verdict.body, parsed, last), request.headers, len(raw))
+            made = cut(verdict.body, parsed, last)
+            if made is not None:
+                speculator.keep_body(leader, made[0], made[1], request.headers, len(raw))
             speculator.used(leader, leader.ttl)
 
     try:
@@ -237,7 +240,7 @@ async def prewarm(request: web.Request) -> web.Response:
         tenant, parsed, body, app[CREDENTIALS].to_upstream(upstream_request_headers(request.headers))
     )
     if started:
-        app[SPECULATOR].keep_body(warm, body, request.headers, len(raw))
+        app[SPECULATOR].keep_body(warm, body, parsed, request.headers, len(raw))
     request[LOG].update(prefix=warm.prefix, outcome="prewarm-sent" if started else "prewarm-deduplicated")
     status = 202
     if request.query.get("wait") in ("1", "true", "yes"):
@@ -346,8 +349,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             reg,
             warm_timeout=settings.warm_timeout,
             limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant),
-            on_settled=on_settled,
         )
+        app[WARMER].subscribe(on_settled)
         speculator = Speculator(settings, reg, app[WARMER], metrics, credentials)
         app[SPECULATOR] = speculator
         holder.speculation = speculator

@@ -55,7 +55,7 @@ class Settings:
         min=0.000001,
     )
     volatile_system_prefixes: tuple[str, ...] = _f(
-        ("x-anthropic-billing-header",),
+        ("x-anthropic-billing-header:",),
         "system text blocks starting with these strings change per request and are left out of prefix identity",
     )
     # --- limits ---

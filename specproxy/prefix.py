@@ -78,6 +78,34 @@ class Prefix:
         bps = tuple(sorted((*self.breakpoints, Breakpoint(position, ttl)), key=lambda b: b.position))
         return Prefix(self.chain, bps, self.item_count, self.locations, self.cacheable, self.images)
 
+    def extended(self, message_index: int, role: str, blocks: Sequence[dict[str, Any]]) -> Prefix:
+        """The identity of this body with one more message appended (``blocks``, with no images):
+        its items are chained onto the last value, so nothing before them is hashed again.
+
+        Next-turn warms use it: the conversation plus the reply, without re-hashing the conversation.
+        """
+        if not self.chain or self.locations[-1][0] != "messages":
+            raise PrefixError("only a body that has messages can be extended")
+        chain, locations, cacheable = list(self.chain), list(self.locations), set(self.cacheable)
+        h, tag = chain[-1], _message_tag(message_index, role)
+        for b, block in enumerate(blocks):
+            h = _step(h, tag, block)
+            chain.append(h)
+            locations.append(("messages", message_index, b))
+            if _block_cacheable(block):
+                cacheable.add(len(chain) - 1)
+        return Prefix(tuple(chain), self.breakpoints, len(chain), tuple(locations), frozenset(cacheable), self.images)
+
+    def without_breakpoints_in(self, section: str) -> Prefix:
+        """The same identity with the breakpoints of one section (``messages``) removed."""
+        bps = tuple(bp for bp in self.breakpoints if self.locations[bp.position][0] != section)
+        return Prefix(self.chain, bps, self.item_count, self.locations, self.cacheable, self.images)
+
+    @property
+    def breakpoints_before_messages(self) -> bool:
+        """True when every breakpoint lies in tools or system (thinking and tool_choice do not matter there)."""
+        return bool(self.breakpoints) and all(self.locations[bp.position][0] != "messages" for bp in self.breakpoints)
+
     def cut(self, position: int) -> Prefix:
         """The identity of :func:`truncated` (the body cut after ``position``): a slice of this one."""
         end = position + 1
@@ -113,6 +141,15 @@ def _canonical(item: Any) -> bytes:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
+def _step(h: bytes, tag: bytes, block: Any) -> bytes:
+    """One link of the chain: the parent's value, the item's tag (section, message and role), the item."""
+    return xxhash.xxh3_128_digest(h + tag + _canonical(block))
+
+
+def _message_tag(index: int, role: Any) -> bytes:
+    return f"m{index}:{role}".encode()
+
+
 def _is_volatile(block: Any, volatile_prefixes: Sequence[str]) -> bool:
     if not volatile_prefixes or not isinstance(block, dict) or block.get("type") != "text":
         return False
@@ -124,14 +161,14 @@ def _ttl_of(cc: Any) -> str:
     if not isinstance(cc, dict):
         raise PrefixError("cache_control: Input should be an object")
     ttl = cc.get("ttl", "5m")
-    if ttl not in TTL_SECONDS:
+    if not isinstance(ttl, str) or ttl not in TTL_SECONDS:
         raise PrefixError(f"cache_control.ttl: Input should be '5m' or '1h', got {ttl!r}")
     return str(ttl)
 
 
 def _contains_image(value: Any) -> bool:
     if isinstance(value, dict):
-        if value.get("type") in _IMAGE_TYPES:
+        if _type_of(value) in _IMAGE_TYPES:
             return True
         content = value.get("content")
         return isinstance(content, list) and any(_contains_image(c) for c in content)
@@ -179,7 +216,7 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
     def push(block: Any, tag: bytes, cacheable: bool, where: tuple[str, int, int], volatile: bool = False) -> None:
         nonlocal h, eligible_last
         if not volatile:  # a volatile block keeps its position (lookback counts it) but adds no identity
-            h = xxhash.xxh3_128_digest(h + tag + _canonical(block))
+            h = _step(h, tag, block)
         chain.append(h)
         locations.append(where)
         pos = len(chain) - 1
@@ -214,7 +251,7 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
         else:
             raise PrefixError(f"messages.{idx}.content: Input should be a valid string or list")
         has_image = has_image or any(_contains_image(b) for b in blocks)
-        normalised.append((f"m{idx}:{role}".encode(), blocks, isinstance(content, str)))
+        normalised.append((_message_tag(idx, role), blocks, isinstance(content, str)))
 
     message_params: dict[str, Any] = {k: body[k] for k in ("tool_choice", "thinking") if k in body}
     message_params["images"] = has_image
@@ -248,79 +285,16 @@ def compute(body: dict[str, Any], tenant: str, volatile_prefixes: Sequence[str] 
 def _block_cacheable(block: Any) -> bool:
     if not isinstance(block, dict):
         return False
-    if block.get("type") in _UNCACHEABLE_TYPES:
+    kind = _type_of(block)
+    if kind in _UNCACHEABLE_TYPES:
         return False
-    return not (block.get("type") == "text" and not block.get("text"))
+    return not (kind == "text" and not block.get("text"))
 
 
-def _marked(block: Any, ttl: str) -> dict[str, Any]:
-    cc: dict[str, Any] = {"type": "ephemeral"}
-    if ttl != "5m":
-        cc["ttl"] = ttl
-    return {**block, "cache_control": cc}
-
-
-def with_breakpoint_at(body: dict[str, Any], prefix: Prefix, position: int, ttl: str = "5m") -> dict[str, Any]:
-    """A copy of ``body`` whose item at ``position`` carries ``cache_control`` (shallow copies only).
-
-    Used by breakpoint injection: the request keeps every byte of meaning, plus one breakpoint.
-    """
-    section, i, b = prefix.locations[position]
-    out = dict(body)
-    if section == "messages":
-        messages = list(body["messages"])
-        messages[i] = {**messages[i], "content": _mark_in(messages[i]["content"], b, ttl)}
-        out["messages"] = messages
-    else:
-        out[section] = _mark_in(body[section], i, ttl)
-    return out
-
-
-def _mark_in(value: Any, index: int, ttl: str) -> list[Any]:
-    """A list of blocks (or a plain string as one text block) with the one at ``index`` marked."""
-    if index < 0:
-        return [_marked({"type": "text", "text": value}, ttl)]
-    out = list(value)
-    out[index] = _marked(out[index], ttl)
-    return out
-
-
-def truncated(body: dict[str, Any], prefix: Prefix, position: int) -> dict[str, Any]:
-    """A copy of ``body`` whose prompt ends at ``position`` (the item kept): what a warm of it sends.
-
-    Breakpoints at or before ``position`` stay where they are; top-level automatic caching is
-    dropped (it would land on the last block, which must carry an explicit breakpoint instead).
-    """
-    section, i, b = prefix.locations[position]
-    out = {k: v for k, v in body.items() if k != "cache_control"}
-    if section == "tools":
-        out["tools"] = list(body["tools"][: i + 1])
-        out.pop("system", None)
-        out["messages"] = []
-    elif section == "system":
-        if i >= 0:
-            out["system"] = list(body["system"][: i + 1])
-        out["messages"] = []
-    else:
-        messages = list(body["messages"][:i])
-        msg = body["messages"][i]
-        if b >= 0:
-            msg = {**msg, "content": list(msg["content"][: b + 1])}
-        messages.append(msg)
-        out["messages"] = messages
-    if not out["messages"]:  # the API wants a message; one after the cut changes nothing before it
-        out["messages"] = [{"role": "user", "content": "."}]
-    return out
-
-
-def with_implicit_breakpoint(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``body`` with top-level automatic ``cache_control`` (the warm's implicit breakpoint).
-
-    Used by ``/prewarm`` when the body names no breakpoint: the last cacheable block gets one.
-    """
-    out = dict(body)
-    out["cache_control"] = {"type": "ephemeral"}
-    return out
+def _type_of(block: dict[str, Any]) -> str | None:
+    """A block's ``type`` when it is a string: arbitrary JSON there is the upstream's to refuse."""
+    kind = block.get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def has_breakpoint_marker(raw: bytes) -> bool:

@@ -141,6 +141,9 @@ class Registry(Protocol):
         ``replace`` takes over a prefix whose current warm is a non-streaming leader still in flight.
         """
 
+    async def peek(self, prefix: Prefix, *, replace: bool = False) -> Warm | None:
+        """The warm :meth:`begin` would answer with (sending nothing), or None when it would begin one."""
+
     async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
         """Record a warm's outcome and release everyone waiting on it."""
 
@@ -263,6 +266,15 @@ class MemoryRegistry:
         warm.expires_at = max(warm.expires_at, now + self._warm_timeout)
         self._by_id[warm.prefix] = (warm, prefix.key(last.position))
         return warm, True
+
+    async def peek(self, prefix: Prefix, *, replace: bool = False) -> Warm | None:
+        last = prefix.last_breakpoint
+        existing = self._entries.get(prefix.key(last.position)) if last is not None else None
+        if existing is None or self._worth_rewarming(existing, self._clock()):
+            return None
+        if replace and existing.warm.kind is Kind.LEADER_JSON and existing.warm.state is State.WARMING:
+            return None
+        return existing.warm
 
     def _store(self, key: bytes, entry: Entry) -> None:
         """(Re-)insert an entry (TLRU computes expiry on insert); its warm's id lives as long."""

@@ -226,6 +226,9 @@ class RedisRegistry:
     def __bool__(self) -> bool:
         return True  # an empty registry is still a registry (``registry or default`` must keep it)
 
+    async def peek(self, prefix: Prefix, *, replace: bool = False) -> Warm | None:
+        return await self._mirror.peek(prefix, replace=replace)
+
     async def begin(
         self, tenant: str, prefix: Prefix, *, kind: Kind = Kind.PREWARM, replace: bool = False
     ) -> tuple[Warm, bool]:

@@ -25,6 +25,8 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
+from specproxy.bodies import cut, warm_request, with_breakpoint_at
+from specproxy.bodies import next_turn as next_turn_body
 from specproxy.config import Settings
 from specproxy.credentials import Credentials
 from specproxy.errors import RateLimited
@@ -37,9 +39,6 @@ from specproxy.prefix import (
     Breakpoint,
     Prefix,
     PrefixError,
-    compute,
-    truncated,
-    with_breakpoint_at,
 )
 from specproxy.registry import Kind, Match, Registry, State, Warm
 from specproxy.usage import Usage
@@ -111,11 +110,10 @@ class Speculator:
         assert verdict.body is not None and verdict.parsed is not None and verdict.tenant is not None
         if verdict.parsed.images:
             return None  # a cut body would drop images: not the same prefix upstream; follow the leader
-        pos = match.position
-        parsed = verdict.parsed.cut(pos)  # the cut body's identity: no parsing or hashing again
-        body = truncated(verdict.body, verdict.parsed, pos)
-        if all(bp.position != pos for bp in parsed.breakpoints):
-            body, parsed = with_breakpoint_at(body, parsed, pos), parsed.with_breakpoint(pos)
+        made = cut(verdict.body, verdict.parsed, match.position)
+        if made is None:
+            return None
+        body, parsed = made
         try:
             warm, _ = await self._warmer.warm(verdict.tenant, parsed, body, self._upstream_headers(headers),
                                               kind=Kind.COALESCE, replace=True)
@@ -159,19 +157,11 @@ class Speculator:
             return None
         if not verdict.parsed.breakpoints:
             return None
-        reply = [dict(b) for b in content if isinstance(b, dict)]
-        messages = [_without_breakpoints(m) for m in body["messages"]]
-        messages.append({"role": "assistant", "content": reply})
-        extended = {k: v for k, v in body.items() if k not in ("cache_control", "stream", "messages")}
-        extended["messages"] = messages
         try:
-            parsed = compute(extended, tenant, self._volatile)
-            last = max((p for p in parsed.cacheable), default=-1)
-            if last < 0 or parsed.locations[last][:2] != ("messages", len(messages) - 1):
+            made = next_turn_body(body, verdict.parsed, content)
+            if made is None:
                 return None
-            if len(parsed.breakpoints) >= 4:
-                return None
-            extended, parsed = with_breakpoint_at(extended, parsed, last), parsed.with_breakpoint(last)
+            extended, parsed = made
             warm, started = await self._warmer.warm(tenant, parsed, extended, self._upstream_headers(headers),
                                                     kind=Kind.NEXT_TURN)
         except PrefixError:
@@ -190,10 +180,10 @@ class Speculator:
         """Whether anything will re-send a warm (keep-warm on): only then are bodies kept at all."""
         return self._s.keep_warm
 
-    def keep_body(self, warm: Warm, body: dict[str, Any], headers: Any, size: int) -> None:
+    def keep_body(self, warm: Warm, body: dict[str, Any], prefix: Prefix, headers: Any, size: int) -> None:
         """Keep what a keep-warm re-send needs (only when keep-warm is on)."""
         if self.keeps_bodies:
-            self.bodies.keep(warm, body, self._upstream_headers(headers), size)
+            self.bodies.keep(warm, warm_request(body, prefix), self._upstream_headers(headers), size)
 
     def used(self, warm: Warm, ttl: float) -> None:
         """``warm``'s prefix was written or read: count a next-turn use; schedule its keep-warm refresh."""
@@ -258,14 +248,3 @@ class Speculator:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _without_breakpoints(message: Any) -> Any:
-    """A message with ``cache_control`` removed from its blocks (the next-turn warm places its own)."""
-    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        return message
-    content = [
-        {k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict) else b
-        for b in message["content"]
-    ]
-    return {**message, "content": content}

@@ -21,22 +21,37 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
+from specproxy.bodies import warm_request
 from specproxy.errors import RateLimited
 from specproxy.prefix import Prefix
 from specproxy.registry import Kind, Registry, State, Warm
 from specproxy.sse import SSEReader
+from specproxy.usage import Usage
 
 log = logging.getLogger("specproxy.warmer")
 
 _WARM_HEADER_DROP = frozenset({"content-type", "accept-encoding", "accept"})
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class WarmResult:
+    """What one warm found: its state, the ``max_tokens`` it was sent with, and its usage."""
+
     state: State
     mode: str
-    usage: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None  # as the upstream sent it (shared with other replicas)
     error: str | None = None
+    tokens: Usage | None = None  # ``usage`` converted, once
+    refused_max_tokens_0: bool = False
+
+    @classmethod
+    def of(cls, mode: str, usage: Any) -> WarmResult:
+        """A successful warm's result from the usage it reported."""
+        if not isinstance(usage, dict):
+            return cls(State.UNCACHEABLE, mode)
+        tokens = Usage.from_api(usage)
+        state = State.WARM if (tokens.cache_read or tokens.cache_written) else State.UNCACHEABLE
+        return cls(state, mode, usage=usage, tokens=tokens)
 
 
 def needs_fallback(body: Mapping[str, Any]) -> bool:
@@ -51,27 +66,29 @@ def needs_fallback(body: Mapping[str, Any]) -> bool:
     return isinstance(output_config, dict) and "format" in output_config
 
 
-def warm_body(body: Mapping[str, Any], mode: str) -> bytes:
-    """The upstream body of a warm: the client's prompt, generating nothing (mode "0") or one token."""
-    out = {k: v for k, v in body.items() if k not in ("stream", "max_tokens")}
+def warm_body(request: Mapping[str, Any], mode: str) -> bytes:
+    """The upstream body of a warm: ``request`` (see :func:`specproxy.bodies.warm_request`) generating
+    nothing (mode "0") or one streamed token (mode "1")."""
+    out = dict(request)
     if mode == "0":
         out["max_tokens"] = 0
     else:
-        thinking = body.get("thinking")
+        thinking = request.get("thinking")
         budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
         # Thinking needs max_tokens > budget_tokens; we close the stream at message_start anyway.
-        out["max_tokens"] = budget + 1 if isinstance(budget, int) and thinking.get("type") == "enabled" else 1  # type: ignore[union-attr]
+        enabled = isinstance(thinking, dict) and thinking.get("type") == "enabled"
+        out["max_tokens"] = budget + 1 if enabled and isinstance(budget, int) else 1
         out["stream"] = True
     return orjson.dumps(out)
 
 
-def state_from_usage(usage: Mapping[str, Any] | None) -> State:
-    """``warm`` when the warm wrote or read a cache entry; ``uncacheable`` when it did neither."""
-    if not usage:
-        return State.UNCACHEABLE
-    written = usage.get("cache_creation_input_tokens") or 0
-    read = usage.get("cache_read_input_tokens") or 0
-    return State.WARM if (written or read) else State.UNCACHEABLE
+def refuses_max_tokens_0(status: int, error: Mapping[str, Any] | None) -> bool:
+    """True when an upstream answer is the refusal of ``max_tokens: 0`` itself (an upstream that
+    predates it, or a feature that excludes it), not any other invalid request."""
+    if status != 400 or not error:
+        return False
+    message = error.get("message")
+    return error.get("type") == "invalid_request_error" and isinstance(message, str) and "max_tokens" in message
 
 
 class TenantWarmLimits:
@@ -120,8 +137,12 @@ class TenantWarmLimits:
         return self._in_flight.get(tenant, 0)
 
 
+Settled = Callable[[Warm, "WarmResult"], None]
+
+
 class Warmer:
-    """Fires warms in the background (bounded per tenant) and settles the registry from their usage."""
+    """Fires warms in the background (bounded per tenant), settles the registry from their usage, and
+    tells its subscribers (metrics, speculation, test harnesses) each time a warm settles."""
 
     def __init__(
         self,
@@ -131,9 +152,8 @@ class Warmer:
         *,
         warm_timeout: float,
         limits: TenantWarmLimits,
-        on_settled: Callable[[Warm, WarmResult], None] | None = None,
     ) -> None:
-        self._on_settled = on_settled
+        self._subscribers: list[Settled] = []
         self._session = session
         self._url = upstream.rstrip("/") + "/v1/messages"
         self._registry = registry
@@ -141,6 +161,10 @@ class Warmer:
         self.limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
         self.results: deque[WarmResult] = deque(maxlen=1000)
+
+    def subscribe(self, callback: Settled) -> None:
+        """Call ``callback(warm, result)`` each time a warm this warmer sent settles."""
+        self._subscribers.append(callback)
 
     @property
     def in_flight(self) -> int:
@@ -150,7 +174,7 @@ class Warmer:
         self,
         tenant: str,
         prefix: Prefix,
-        body: Mapping[str, Any],
+        body: dict[str, Any],
         headers: CIMultiDict[str],
         *,
         kind: Kind = Kind.PREWARM,
@@ -158,9 +182,13 @@ class Warmer:
     ) -> tuple[Warm, bool]:
         """Register ``prefix`` (single flight) and, when it is new, send its warm in the background.
 
-        Raises :class:`RateLimited` when the tenant is over its warm limits; a deduplicated warm
-        sends nothing and does not count against them.
+        Deduplication comes first: a warm already in flight or warm answers with its state, sends
+        nothing and does not count against the tenant's limits. Only a warm that will be sent is
+        limited, raising :class:`RateLimited` when the tenant is over them.
         """
+        existing = await self._registry.peek(prefix, replace=replace)
+        if existing is not None:
+            return existing, False
         self.limits.acquire(tenant)
         try:
             warm, started = await self._registry.begin(tenant, prefix, kind=kind, replace=replace)
@@ -169,30 +197,26 @@ class Warmer:
             raise
         if started:
             warm.model = body.get("model") if isinstance(body.get("model"), str) else None
-            self.start(warm, body, headers)
+            self.start(warm, warm_request(body, prefix), headers)
         else:
             self.limits.release(tenant, started=False)
         return warm, started
 
-    async def resend(self, body: Mapping[str, Any], headers: CIMultiDict[str]) -> WarmResult:
-        """Send a warm now and return what it found, without touching the registry (keep-warm)."""
-        return await self._send(body, _warm_headers(headers), "1" if needs_fallback(body) else "0")
+    async def resend(self, request: Mapping[str, Any], headers: CIMultiDict[str]) -> WarmResult:
+        """Send a warm of ``request`` (a :func:`warm_request`) now and return what it found, without
+        touching the registry (keep-warm)."""
+        return await self._send_with_fallback(request, _warm_headers(headers))
 
-    def start(self, warm: Warm, body: Mapping[str, Any], headers: CIMultiDict[str]) -> None:
+    def start(self, warm: Warm, request: Mapping[str, Any], headers: CIMultiDict[str]) -> None:
         """Send ``warm`` in the background. The caller has registered it with the registry."""
-        task = asyncio.get_running_loop().create_task(self._run(warm, body, headers))
+        task = asyncio.get_running_loop().create_task(self._run(warm, request, headers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, warm: Warm, body: Mapping[str, Any], client_headers: CIMultiDict[str]) -> None:
-        headers = _warm_headers(client_headers)
+    async def _run(self, warm: Warm, request: Mapping[str, Any], client_headers: CIMultiDict[str]) -> None:
         result = WarmResult(State.FAILED, "0", error="cancelled")
         try:
-            mode = "1" if needs_fallback(body) else "0"
-            result = await self._send(body, headers, mode)
-            if mode == "0" and result.error == "invalid_request_error":
-                # An upstream that predates max_tokens: 0 refuses it: the older one-token form works.
-                result = await self._send(body, headers, "1")
+            result = await self._send_with_fallback(request, _warm_headers(client_headers))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a warm must always settle, whatever went wrong
@@ -204,30 +228,40 @@ class Warmer:
             self.results.append(result)
             self.limits.release(warm.tenant)
             await self._registry.settle(warm, result.state, error=result.error)
-            if self._on_settled is not None:
-                self._on_settled(warm, result)
+            for callback in self._subscribers:
+                callback(warm, result)
             log.debug("warm %s settled %s (max_tokens %s)", warm.prefix, result.state, result.mode)
 
-    async def _send(self, body: Mapping[str, Any], headers: CIMultiDict[str], mode: str) -> WarmResult:
+    async def _send_with_fallback(self, request: Mapping[str, Any], headers: CIMultiDict[str]) -> WarmResult:
+        if needs_fallback(request):
+            return await self._send(request, headers, "1")
+        result = await self._send(request, headers, "0")
+        if result.refused_max_tokens_0:
+            # The upstream refuses max_tokens: 0 (it predates it): the older one-token form works.
+            result = await self._send(request, headers, "1")
+        return result
+
+    async def _send(self, request: Mapping[str, Any], headers: CIMultiDict[str], mode: str) -> WarmResult:
         try:
             async with self._session.post(
-                self._url, data=warm_body(body, mode), headers=headers, timeout=self._timeout,
+                self._url, data=warm_body(request, mode), headers=headers, timeout=self._timeout,
                 auto_decompress=True, allow_redirects=False,
             ) as resp:
                 if resp.status >= 400:
-                    error_type = await _error_type(resp)
-                    return WarmResult(State.FAILED, mode, error=error_type)
+                    error = await _error_of(resp)
+                    return WarmResult(State.FAILED, mode, error=str(error.get("type") or f"http_{resp.status}"),
+                                      refused_max_tokens_0=refuses_max_tokens_0(resp.status, error))
                 if mode == "0":
                     data = orjson.loads(await resp.read())
-                    usage = data.get("usage") if isinstance(data, dict) else None
-                    return WarmResult(state_from_usage(usage), mode, usage=usage)
+                    return WarmResult.of(mode, data.get("usage") if isinstance(data, dict) else None)
                 reader = SSEReader()
                 async for chunk in resp.content.iter_any():
                     for event, payload in reader.feed(chunk):
                         if event == "message_start":
-                            usage = orjson.loads(payload).get("message", {}).get("usage")
+                            message = orjson.loads(payload)
+                            message = message.get("message") if isinstance(message, dict) else None
                             resp.close()  # settle here; generating the token is not wanted
-                            return WarmResult(state_from_usage(usage), mode, usage=usage)
+                            return WarmResult.of(mode, message.get("usage") if isinstance(message, dict) else None)
                         if event == "error":
                             return WarmResult(State.FAILED, mode, error="stream_error")
                 return WarmResult(State.FAILED, mode, error="stream ended before message_start")
@@ -248,11 +282,11 @@ def _warm_headers(client_headers: CIMultiDict[str]) -> CIMultiDict[str]:
     return headers
 
 
-async def _error_type(resp: aiohttp.ClientResponse) -> str:
+async def _error_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The ``error`` object of an upstream error answer, or ``{}`` when it has none."""
     try:
         data = orjson.loads(await resp.read())
-        return str(data["error"]["type"])
-    except Exception:
-        return f"http_{resp.status}"
-
-
+    except (orjson.JSONDecodeError, aiohttp.ClientError, TimeoutError, OSError):
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, dict) else {}

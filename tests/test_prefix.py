@@ -141,15 +141,18 @@ def test_unusable_shapes_raise_prefix_error(bad: dict[str, Any]) -> None:
 
 
 def test_cut_and_added_breakpoint_equal_recomputing_the_changed_body() -> None:
-    from specproxy.prefix import truncated, with_breakpoint_at
+    from specproxy.bodies import cut, with_breakpoint_at
 
     full = {**body(6, bp=1), "system": [{"type": "text", "text": "s"}], "tools": [{"name": "t", "input_schema": {}}]}
     p = compute(full, T)
     for pos in range(p.item_count):
-        cut = compute(truncated(full, p, pos), T)
-        # (a cut inside tools or system gets a placeholder message after it: the API needs one)
-        assert cut.chain[: pos + 1] == p.cut(pos).chain
-        assert cut.breakpoints == p.cut(pos).breakpoints
+        made = cut(full, p, pos)
+        assert made is not None
+        cut_body, cut_identity = made
+        recomputed = compute(cut_body, T)
+        # (a cut body ends on a user turn: a placeholder after the cut changes nothing before it)
+        assert recomputed.chain[: pos + 1] == cut_identity.chain
+        assert recomputed.breakpoints == cut_identity.breakpoints
         if pos in p.cacheable:
             marked = with_breakpoint_at(full, p, pos)
             assert compute(marked, T).breakpoints == p.with_breakpoint(pos).breakpoints

@@ -1,0 +1,64 @@
+"""Stage one of the request path: who a ``/v1/messages`` request is and what prefix it carries.
+
+Parsed once and hashed once. Whatever cannot be identified (no credential, not JSON, a shape the
+prefix chain cannot read) is ``None``: the request is forwarded untouched as ``bypass``, and the
+upstream gives its own answer to a body it refuses. Nothing here raises on client input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from specproxy.credentials import presented
+from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, tenant_digest
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One identified request: its tenant, parsed body and prefix identity, and the bytes to send."""
+
+    tenant: str
+    body: dict[str, Any]
+    prefix: Prefix
+    raw: bytes  # what goes upstream: the client's bytes, unless injection added a breakpoint
+    injected: bool = False
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the request has a breakpoint (explicit, automatic, or injected)."""
+        return bool(self.prefix.breakpoints)
+
+
+def identify(
+    headers: Mapping[str, str], raw: bytes, *, volatile: Sequence[str] = (), need_marker: bool = True
+) -> Identity | None:
+    """Parse and hash ``raw``; None when the request cannot be identified (it is then ``bypass``).
+
+    With ``need_marker`` a body without the bytes ``cache_control`` is not even parsed: it cannot
+    carry a breakpoint (breakpoint injection turns this off, since it adds one).
+    """
+    if need_marker and not has_breakpoint_marker(raw):
+        return None
+    cred = presented(headers)
+    if cred is None:
+        return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    tenant = tenant_digest(cred)
+    try:
+        prefix = compute(body, tenant, volatile)
+    except (PrefixError, TypeError, ValueError, RecursionError):
+        return None  # the upstream answers it with its own error
+    return Identity(tenant, body, prefix, raw)
