@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from specproxy.prefix import LOOKBACK, Breakpoint, Prefix
 from specproxy.usage import Usage
@@ -211,6 +212,16 @@ class Detected:
     reason: str
     slots: int | None = None  # llama.cpp: total_slots from /props
 
+    def public(self) -> dict[str, Any]:
+        """What ``/status.json`` shows under ``upstream``."""
+        out = {**self.profile.public(), "detected": self.reason}
+        if self.slots is not None:
+            out["slots"] = self.slots
+        return out
+
+
+UPSTREAM: Final = web.AppKey("upstream_profile", Detected)
+
 
 def _owned_by(data: Any) -> str | None:
     rows = data.get("data") if isinstance(data, dict) else None
@@ -261,7 +272,7 @@ async def detect(
     if host == "anthropic.com" or host.endswith(".anthropic.com"):
         return Detected(ANTHROPIC, f"{host} is Anthropic's API")
     base = upstream.rstrip("/")
-    hdrs = dict(headers or {})
+    hdrs = {"accept": "application/json", "accept-encoding": "identity", **(headers or {})}
     budget = aiohttp.ClientTimeout(total=timeout)
     slots: int | None = None
 
