@@ -316,7 +316,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             def check() -> None:
                 timers.discard(handle)
                 if warm.uses == 0:
-                    metrics.warm_wasted()
+                    metrics.warm_wasted(warm)
                     if warm.kind is Kind.NEXT_TURN:
                         metrics.next_turn.labels("unused").inc()
 

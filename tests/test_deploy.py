@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,15 +26,20 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from specproxy.config import ENV_PREFIX, FIELDS, load_settings
-from specproxy.testing import run_sim
+from specproxy.outcome import Outcome
+from specproxy.testing import ProxyHandle, SimHandle, run_proxy, run_sim
+from specproxy.usage import Usage
+from tests.conftest import CONTEXT, KEY_A, MODEL, eventually, headers, question_body, warm_body
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
@@ -422,3 +428,235 @@ def test_chart_schema_rejects_a_bad_value() -> None:
         render({"extraEnv": {"not a variable": "x"}})
     with pytest.raises(RenderError):
         render({"upstream": "api.anthropic.com"})  # no scheme
+
+
+# --- the Grafana dashboard and the Prometheus rules name what the proxy exports -----------------------
+GRAFANA = ROOT / "deploy" / "grafana" / "specproxy-dashboard.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+# Grafana's variables, as a query sent to Prometheus would have them.
+GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "6h", "$job": ".*", "$instance": ".*"}
+SCRAPE_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
+METRIC = re.compile(r"\bspecproxy_[a-z0-9_]+")
+SELECTOR = re.compile(r"\b(specproxy_[a-z0-9_]+)\s*\{([^}]*)\}")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+@dataclass
+class Exported:
+    """What one real proxy's /metrics exported: sample names, label names per sample name, values."""
+
+    text: str
+    labels: dict[str, set[str]]
+    values: dict[str, dict[str, set[str]]]  # sample name -> label -> values seen
+    samples: dict[str, float]  # unlabelled samples
+
+    def names(self) -> set[str]:
+        return set(self.labels)
+
+
+_EXPORTED: list[Exported] = []
+
+
+async def drive_traffic(http: aiohttp.ClientSession, proxy: ProxyHandle, sim: SimHandle) -> None:
+    """A little of everything: prewarm, hit (JSON and stream), held, miss, bypass, next-turn, mismatch."""
+
+    async def post(path: str, body: dict[str, Any], **extra: str) -> aiohttp.ClientResponse:
+        async with http.post(proxy.url + path, data=json.dumps(body), headers=headers(KEY_A, **extra)) as r:
+            await r.read()
+            return r
+
+    ctx = {name: CONTEXT.replace("function_", f"{name}_") for name in ("held", "miss", "gone")}
+    assert (await post("/prewarm?wait=1", warm_body())).status == 200
+    assert (await post("/v1/messages", question_body())).headers["X-Cache-Warm"] == "hit"
+    assert (await post("/v1/messages", question_body(stream=True))).headers["X-Cache-Warm"] == "hit"
+    r = await post("/v1/messages", question_body("next?"), **{"X-Cache-Warm-Next": "1"})
+    assert r.headers["X-Cache-Warm"] == "hit"
+    assert (await post("/prewarm", warm_body(ctx["held"]), **{"x-sim-gate": "g"})).status == 202
+    held = asyncio.ensure_future(post("/v1/messages", question_body(context=ctx["held"])))
+    await eventually(lambda: proxy.held == 1)
+    await sim.open_gate("g")
+    assert (await held).headers["X-Cache-Warm"] == "held"
+    assert (await post("/v1/messages", question_body(context=ctx["miss"]))).headers["X-Cache-Warm"] == "miss"
+    bypass = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    assert (await post("/v1/messages", bypass)).headers["X-Cache-Warm"] == "bypass"
+    assert (await post("/prewarm?wait=1", warm_body(ctx["gone"]))).status == 200
+    await sim.reset()  # the upstream forgets: the next hit is a mismatch
+    assert (await post("/v1/messages", question_body(context=ctx["gone"]))).headers["X-Cache-Warm"] == "hit"
+
+
+async def exported() -> Exported:
+    """Scrape a real proxy in front of the simulator after :func:`drive_traffic` (once per session)."""
+    if not _EXPORTED:
+        async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, max_hold=10.0) as proxy, \
+                aiohttp.ClientSession() as http:
+            await drive_traffic(http, proxy, sim)
+            async with http.get(proxy.url + "/metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+        labels: dict[str, set[str]] = {}
+        values: dict[str, dict[str, set[str]]] = {}
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if not family.samples:  # a labelled family nothing has touched yet: its names, no labels
+                suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
+                for suffix in suffixes:
+                    labels.setdefault(family.name + suffix, set())
+            for s in family.samples:
+                labels.setdefault(s.name, set()).update(s.labels)
+                for k, v in s.labels.items():
+                    values.setdefault(s.name, {}).setdefault(k, set()).add(v)
+                if not s.labels:
+                    samples[s.name] = s.value
+        _EXPORTED.append(Exported(text, labels, values, samples))
+    return _EXPORTED[0]
+
+
+def grafana_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(GRAFANA.read_text(encoding="utf-8"))
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target["expr"]))
+    return out
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def check_query(where: str, expr: str, exp: Exported) -> None:
+    """Every metric the query names is exported; its label matchers and groupings use real labels;
+    ``outcome`` and ``kind`` values are ones the proxy uses."""
+    names = METRIC.findall(expr)
+    assert names, f"{where}: names no specproxy metric: {expr}"
+    for name in names:
+        assert name in exp.names(), f"{where}: {name} is not exported (exported: {sorted(exp.names())})"
+    known_values = {"outcome": {str(o) for o in Outcome}, "kind": set(Usage().as_dict())}
+    for name, matchers in SELECTOR.findall(expr):
+        for label, _, value in MATCHER.findall(matchers):
+            if label in SCRAPE_LABELS:
+                continue
+            if exp.labels[name]:  # nothing touched it yet when empty: its labels are not visible
+                assert label in exp.labels[name], f"{where}: {name} has no label {label}"
+            if label in known_values:
+                for alternative in value.split("|"):
+                    assert alternative in known_values[label], f"{where}: {label}={alternative!r} never occurs"
+    if not all(exp.labels[n] for n in names):
+        return  # a metric nothing touched yet shows no labels: its groupings cannot be checked
+    used = set().union(*(exp.labels[n] for n in names)) | SCRAPE_LABELS
+    for group in GROUPING.findall(expr):
+        for label in (g.strip() for g in group.split(",") if g.strip()):
+            assert label in used, f"{where}: groups by {label}, which none of {names} has"
+
+
+def test_dashboard_is_a_grafana_dashboard_with_every_promised_panel() -> None:
+    dashboard = json.loads(GRAFANA.read_text(encoding="utf-8"))
+    assert dashboard["uid"] and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= variables
+    for panel in dashboard["panels"]:
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]) and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert 'job=~"$job"' in target["expr"] and 'instance=~"$instance"' in target["expr"], panel["title"]
+    queries = " ".join(expr for _, expr in grafana_queries())
+    # outcomes, hold time, tokens by kind, dollars spent and saved, wasted warms, mismatches, degraded
+    for metric in ("specproxy_requests_total", "specproxy_hold_seconds_bucket", "specproxy_tokens_total",
+                   "specproxy_dollars_spent_total", "specproxy_dollars_saved_total", "specproxy_warms_wasted_total",
+                   "specproxy_warms_wasted_dollars_total", "specproxy_warm_mismatch_total",
+                   "specproxy_registry_degraded"):
+        assert metric in queries, metric
+
+
+async def test_every_dashboard_query_names_metrics_and_labels_the_proxy_exports() -> None:
+    exp = await exported()
+    queries = grafana_queries()
+    assert len(queries) >= 15
+    for title, expr in queries:
+        check_query(f"panel {title!r}", expr, exp)
+
+
+async def test_every_alert_names_metrics_and_labels_the_proxy_exports() -> None:
+    exp = await exported()
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} >= {"SpecproxyWarmMismatches", "SpecproxyWastedWarmSpend",
+                                           "SpecproxyRegistryDegraded"}
+    for rule in rules:
+        check_query(f"alert {rule['alert']}", rule["expr"], exp)
+        assert rule["labels"]["severity"] in ("info", "warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+async def test_the_scrape_has_no_created_series_and_counts_what_the_traffic_did() -> None:
+    exp = await exported()
+    assert "_created" not in exp.text
+    outcomes = exp.values["specproxy_requests_total"]["outcome"]
+    assert {"hit", "held", "miss", "bypass", "prewarm-sent"} <= outcomes
+    assert exp.samples["specproxy_warm_mismatch_total"] == 1
+    assert exp.values["specproxy_next_turn_warms_total"]["result"] == {"sent"}
+    assert exp.samples["specproxy_registry_degraded"] == 0
+    assert exp.samples["specproxy_hold_seconds_count"] == 1
+
+
+async def test_a_wasted_warm_adds_what_it_cost_to_the_wasted_dollars() -> None:
+    # A TTL scale this small makes the 5-minute TTL pass in about 30 ms.
+    async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, cache_ttl_scale=0.0001) as proxy, \
+            aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/prewarm?wait=1", data=json.dumps(warm_body()), headers=headers()) as r:
+            assert r.status == 200
+
+        async def scrape() -> dict[str, float]:
+            async with http.get(proxy.url + "/metrics") as r:
+                return {s.name: s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                        if not s.labels}
+
+        async def wasted() -> bool:
+            return (await scrape())["specproxy_warms_wasted_total"] == 1
+
+        await eventually(wasted)
+        m = await scrape()
+        [warm] = [e for e in await sim.requests()]
+    # The warm is the only thing that spent money: all of it was wasted.
+    assert m["specproxy_warms_wasted_dollars_total"] == pytest.approx(m["specproxy_dollars_spent_total"])
+    assert m["specproxy_warms_wasted_dollars_total"] > 0
+    assert warm["max_tokens"] == 0
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules_and_every_alert_fires_on_its_unit_test_series() -> None:
+    assert PROMTOOL is not None
+    done = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout
+    done = subprocess.run([PROMTOOL, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tested = {t["alertname"] for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+              for t in test["alert_rule_test"]}
+    assert tested == {r["alert"] for r in alert_rules()}  # every alert has a unit test
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    assert PROMTOOL is not None
+    rules = []
+    for i, (_, expr) in enumerate(grafana_queries()):
+        for var, value in GRAFANA_VARS.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, expr
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+    done = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
