@@ -69,7 +69,7 @@ class Accounting:
         def check() -> None:
             self._timers.discard(handle)
             if warm.uses == 0:
-                metrics.warm_wasted()
+                metrics.warm_wasted(warm)
                 if warm.kind is Kind.NEXT_TURN:
                     metrics.next_turn.labels("unused").inc()
 

@@ -103,6 +103,14 @@ class Settings:
         64 * 1024 * 1024, "bytes of request bodies kept for keep-warm and next-turn re-sends (oldest dropped)", min=0
     )
     inject_breakpoints: bool = _f(False, "add cache_control to requests without one that match a warm")
+    # --- OpenTelemetry traces (specproxy.tracing; needs the otel extra). The OpenTelemetry SDK's own
+    # OTEL_* variables apply too: OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES...
+    otel_enabled: bool = _f(False, "export OpenTelemetry traces over OTLP/HTTP (pip install 'specproxy[otel]')")
+    otel_endpoint: str = _f(
+        "", "OTLP/HTTP endpoint, e.g. http://collector:4318 (empty: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
+        "else http://localhost:4318)", secret_url=True,
+    )
+    otel_service_name: str = _f("", "service.name of the traces (empty: OTEL_SERVICE_NAME, else specproxy)")
 
     def public_dict(self) -> dict[str, Any]:
         """The settings as a dict with secrets redacted: safe to print, log or serve."""
@@ -281,6 +289,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"invalid value for setting 'upstream': {s.upstream!r}; accepted: an http(s) URL")
     if s.registry == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("invalid value for setting 'redis_url'; accepted: a redis://, rediss:// or unix:// URL")
+    if s.otel_endpoint and not s.otel_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"invalid value for setting 'otel_endpoint': {s.otel_endpoint!r}; accepted: an http(s) URL")
     if s.upstream_api_key and not s.client_tokens and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(
             "setting 'upstream_api_key' (injection mode) on a non-loopback host needs 'client_tokens': "
