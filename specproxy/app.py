@@ -293,6 +293,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             failed_ttl=settings.failed_ttl,
             rewarm_margin=settings.rewarm_margin,
             ttl_scale=settings.cache_ttl_scale,
+            max_entries_per_tenant=settings.max_entries_per_tenant,
         )
     app[REGISTRY] = reg
     holder = Holder(

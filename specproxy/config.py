@@ -61,6 +61,10 @@ class Settings:
     # --- limits ---
     max_body_bytes: int = _f(32 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", min=1)
     registry_max_entries: int = _f(100_000, "warm registry entries kept; the oldest is evicted first", min=1)
+    # per credential: no tenant can evict another's warms by filling the registry (at least one warm's 4 breakpoints)
+    max_entries_per_tenant: int = _f(
+        25_000, "warm registry entries one credential may hold; above it, its own oldest is evicted first", min=4
+    )
     max_held_total: int = _f(10_000, "requests held at once in total; more go upstream unheld", min=0)
     max_held_per_tenant: int = _f(2_000, "requests held at once per credential; more go upstream unheld", min=0)
     max_warms_in_flight_per_tenant: int = _f(
