@@ -97,7 +97,8 @@ async def test_leaders_racing_on_three_replicas_all_go_at_once_and_the_fleet_kee
         for _ in range(2):  # all claims in Redis, then every announcement applied everywhere
             for reg in regs:
                 await reg.sync()
-        kept = {m.warm.uid for reg in regs if (m := await reg.match(prefix())) is not None}
+        kept = {m.warm.uid for reg in regs
+                if (m := await reg.match(prefix())) is not None and isinstance(m.warm, SharedWarm)}
         assert len(kept) == 1 and kept <= {w.uid for w, _ in results if isinstance(w, SharedWarm)}
         for reg, (warm, _) in zip(regs, results, strict=True):
             await reg.settle(warm, State.WARM)

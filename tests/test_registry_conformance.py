@@ -480,7 +480,7 @@ async def test_the_claim_scripts_lua_rule_agrees_with_decide_on_every_case() -> 
                 await place(q, 2, state, kind, left)
             warm, started = await reg.begin(A, q, kind=claim_kind, replace=replace)
             await reg.sync()
-            assert started and await holder(q, 5) == warm.uid
+            assert started and isinstance(warm, SharedWarm) and await holder(q, 5) == warm.uid
             assert (await holder(q, 2) == warm.uid) is expected.taken, (i, state, kind, left, replace)
         assert not reg.degraded
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -152,7 +153,7 @@ class RedisRegistry:
                               failed_ttl=failed_ttl, rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock,
                               max_entries_per_tenant=max_entries_per_tenant)
         # Claims of this replica's own warms still on their way to Redis, by uid (a settle waits for its claim).
-        self._claims: dict[str, asyncio.Task[None]] = {}
+        self._claims: dict[str, asyncio.Task[SharedWarm | None]] = {}
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._outbox_empty = asyncio.Event()
         self._outbox_empty.set()
@@ -268,7 +269,7 @@ class RedisRegistry:
         self._claims[warm.uid] = claim
         self._tasks.add(claim)
         claim.add_done_callback(self._tasks.discard)
-        claim.add_done_callback(lambda _t, uid=warm.uid: self._claims.pop(uid, None))
+        claim.add_done_callback(functools.partial(self._claimed, warm.uid))
         if kind in (Kind.LEADER, Kind.LEADER_JSON):
             return warm, True
         try:
@@ -281,6 +282,9 @@ class RedisRegistry:
             return warm, True
         self._spawn(self._follow(warm, winner))
         return winner, False
+
+    def _claimed(self, uid: str, _claim: asyncio.Task[SharedWarm | None]) -> None:
+        self._claims.pop(uid, None)
 
     async def _claim(self, warm: SharedWarm, replace: bool) -> SharedWarm | None:
         """Share a warm this replica began: one atomic script claims the prefix in Redis and announces
