@@ -115,6 +115,18 @@ def test_expired_values_are_never_returned_and_a_moved_expiry_is_read_when_asked
     assert t.get("later") is None and len(t) == 0 and t.count("a") == 0
 
 
+def test_an_expiry_moved_earlier_and_written_again_is_dropped_at_its_new_time() -> None:
+    clock = ManualClock()
+    t = table(clock)
+    value = ["a", 1300.0]  # a warming entry...
+    t.put("k", value)
+    value[1] = 1010.0  # ...settled as failed: kept 10 s
+    t.put("k", value)
+    for _ in range(200):  # rewrites of a live key queue no new heap item each
+        t.put("other", ["b", clock.now + 500.0])
+    clock.advance(11)
+    assert len(t) == 1 and t.count("a") == 0 and t.get("other") is not None
+
 def test_expired_keys_are_dropped_before_a_live_one_is_evicted() -> None:
     clock = ManualClock()
     t = table(clock, per_tenant=2)

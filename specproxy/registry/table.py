@@ -10,7 +10,8 @@ read right). Bounds, checked on every insertion of a new key:
   ``per_tenant`` below it, one tenant alone never reaches it).
 
 Expired values are never returned, and are dropped (a heap of expiry times, popped lazily) before
-anything live is evicted.
+anything live is evicted. A write that moves a value's expiry later costs no heap work: the key's
+earlier heap item, once due, finds the value still live and is queued again at its new expiry.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Table(Generic[K, V]):
         self._data: OrderedDict[K, V] = OrderedDict()  # least recently written first
         self._by_tenant: dict[str, OrderedDict[K, None]] = {}
         self._heap: list[tuple[float, int, K]] = []
+        self._due: dict[K, tuple[float, int]] = {}  # each key's live heap item: (time, seq)
         self._seq = itertools.count()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -103,7 +105,10 @@ class Table(Generic[K, V]):
             self._by_tenant[tenant].move_to_end(key)
         self._data[key] = value
         self._data.move_to_end(key)
-        heapq.heappush(self._heap, (self._expires(value), next(self._seq), key))
+        expires = self._expires(value)
+        due = self._due.get(key)
+        if due is None or expires < due[0]:  # an expiry that moved later needs no new heap item
+            self._schedule(key, expires)
 
     def pop(self, key: K) -> V | None:
         """Remove ``key``; its value, or None."""
@@ -117,26 +122,33 @@ class Table(Generic[K, V]):
         now = self._clock() if now is None else now
         heap = self._heap
         if len(heap) > _HEAP_SLACK * len(self._data) + 64:
-            self._heap = heap = [(self._expires(v), next(self._seq), k) for k, v in self._data.items()]
+            self._heap = heap = [(t, seq, k) for k, (t, seq) in self._due.items()]
             heapq.heapify(heap)
         while heap and heap[0][0] <= now:
-            _, _, key = heapq.heappop(heap)
-            value = self._data.get(key)
-            if value is None:
-                continue  # removed since
-            expires = self._expires(value)
+            _, seq, key = heapq.heappop(heap)
+            due = self._due.get(key)
+            if due is None or due[1] != seq:
+                continue  # superseded by an earlier expiry, or removed since
+            expires = self._expires(self._data[key])
             if expires <= now:
                 self._remove(key)
             else:
-                heapq.heappush(heap, (expires, next(self._seq), key))  # its expiry moved on meanwhile
+                self._schedule(key, expires)  # its expiry moved on meanwhile
+
+    def _schedule(self, key: K, expires: float) -> None:
+        seq = next(self._seq)
+        self._due[key] = (expires, seq)
+        heapq.heappush(self._heap, (expires, seq, key))
 
     def clear(self) -> None:
         self._data.clear()
         self._by_tenant.clear()
         self._heap.clear()
+        self._due.clear()
 
     def _remove(self, key: K) -> None:
         value = self._data.pop(key)
+        del self._due[key]
         tenant = self._tenant(value)
         keys = self._by_tenant.get(tenant)
         if keys is not None:
