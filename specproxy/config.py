@@ -63,6 +63,9 @@ class Settings:
     registry_max_entries: int = _f(100_000, "warm registry entries kept; the oldest is evicted first", min=1)
     max_held_total: int = _f(10_000, "requests held at once in total; more go upstream unheld", min=0)
     max_held_per_tenant: int = _f(2_000, "requests held at once per credential; more go upstream unheld", min=0)
+    max_held_bytes: int = _f(
+        256 * 1024 * 1024, "request body bytes held at once in total; a request over it goes upstream unheld", min=0
+    )
     max_warms_in_flight_per_tenant: int = _f(
         32, "warms in flight at once per credential; /prewarm answers 429 above", min=1
     )

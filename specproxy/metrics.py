@@ -60,10 +60,11 @@ def price_of(model: str | None, pricing: Mapping[str, tuple[float, float]] = DEF
 
 
 def cost(
-    usage: Usage, model: str | None, pricing: Mapping[str, tuple[float, float]] = DEFAULT_PRICING
+    usage: Usage, model: str | None, pricing: Mapping[str, tuple[float, float]] = DEFAULT_PRICING,
+    price: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """(dollars spent, dollars the same call would have cost with no caching at all)."""
-    p_in, p_out = price_of(model, pricing)
+    p_in, p_out = price if price is not None else price_of(model, pricing)
     spent = (
         usage.input * p_in
         + usage.cache_write_5m * p_in * WRITE_5M
@@ -96,6 +97,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tenant_label = tenant_label
         self.pricing = dict(pricing or DEFAULT_PRICING)
+        self._prices: dict[str, tuple[float, float]] = {}  # memo: model id -> price_of(model)
         self.totals = Totals()
         t = ("tenant",) if tenant_label else ()
         r = self.registry
@@ -161,7 +163,12 @@ class Metrics:
             if n:
                 self.tokens.labels(kind, m, *self._t(tenant)).inc(n)
                 self.totals.tokens[kind] += n
-        spent, uncached = cost(usage, model, self.pricing)
+        price = self._prices.get(m)
+        if price is None:
+            if len(self._prices) >= 256:  # model ids come from upstream answers: keep the memo bounded
+                self._prices.clear()
+            price = self._prices[m] = price_of(model, self.pricing)
+        spent, uncached = cost(usage, model, price=price)
         self.dollars_spent.inc(spent)
         saved = uncached - spent
         if saved > 0:

@@ -166,6 +166,9 @@ class Warmer:
         """Call ``callback(warm, result)`` each time a warm this warmer sent settles."""
         self._subscribers.append(callback)
 
+    def unsubscribe(self, callback: Settled) -> None:
+        self._subscribers.remove(callback)
+
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
@@ -228,7 +231,7 @@ class Warmer:
             self.results.append(result)
             self.limits.release(warm.tenant)
             await self._registry.settle(warm, result.state, error=result.error)
-            for callback in self._subscribers:
+            for callback in list(self._subscribers):
                 callback(warm, result)
             log.debug("warm %s settled %s (max_tokens %s)", warm.prefix, result.state, result.mode)
 
