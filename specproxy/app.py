@@ -199,6 +199,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[STARTED] = time.monotonic()
+    app[tracing.ENABLED] = tracer is not None
     metrics = Metrics(
         tenant_label=settings.metrics_tenant_label,
         pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},

@@ -84,12 +84,18 @@ class _Noop:
 
 NOOP: Final = _Noop()
 TRACE: Final = web.RequestKey("specproxy_trace", object)  # set by the tracing middleware
+ENABLED: Final = web.AppKey("specproxy_tracing_enabled", bool)  # set by the app factory
 
 
 def of(request: web.Request) -> RequestTrace:
-    """This request's trace handle: the no-op one unless the tracing middleware opened a span."""
-    found = request.get(TRACE)
-    return cast(RequestTrace, found) if found is not None else NOOP
+    """This request's trace handle: the no-op one unless the tracing middleware opened a span.
+    (Off, this is one dict lookup: the app says so, and the request is not searched.)"""
+    try:
+        if not request.app[ENABLED]:
+            return NOOP
+        return cast(RequestTrace, request[TRACE])
+    except KeyError:  # an app not built by create_app, or an untraced path
+        return NOOP
 
 
 def traces_endpoint(base: str) -> str:

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What does function_7 return, exactly?"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -362,3 +364,21 @@ async def test_spans_reach_a_real_otlp_http_receiver_with_no_prompt_or_key_in_th
     warm = by_name[f"warm {MODEL}"]
     assert [link.span_id for link in warm.links] == [by_name["POST /prewarm"].span_id]
     assert up.seen[-1] == ("/v1/messages", f"00-{CLIENT_TRACE}-{chat.span_id.hex()}-01")
+
+
+# --- the documented cookbook trace ------------------------------------------------------------------------
+def test_the_cookbook_trace_tree_script_prints_the_documented_shape() -> None:
+    """``python deploy/otel/trace_tree.py`` (docs/observability.md): processes, OTLP/HTTP, the SDK."""
+    script = ROOT / "deploy" / "otel" / "trace_tree.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, check=False,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tree = done.stdout
+    assert "question 1: X-Cache-Warm held" in done.stderr and "question 2: X-Cache-Warm hit" in done.stderr
+    assert "└─ POST /prewarm [server]" in tree
+    assert "warm claude-sonnet-4-6 [client]" in tree and "↔ started_by: POST /prewarm (T1)" in tree
+    assert "↔ released: POST /v1/messages (T3)" in tree
+    assert "(continues the app's traceparent)" in tree
+    assert "specproxy.hold [internal]" in tree and "↔ released_by: warm claude-sonnet-4-6 (T2)" in tree
+    assert tree.count("chat claude-sonnet-4-6 [client]") == 2
+    assert "cache_warm=held" in tree and "cache_warm=hit" in tree
