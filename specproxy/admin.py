@@ -11,6 +11,7 @@ from aiohttp import web
 
 from specproxy import __version__, status
 from specproxy.keys import COALESCER, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.upstream_profile import UPSTREAM
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
@@ -40,6 +41,7 @@ def _status_data(app: web.Application) -> dict[str, Any]:
         registry=app[REGISTRY].snapshot(),
         held=app[COALESCER].held,
         warms_in_flight=app[WARMER].in_flight,
+        extra={"upstream": app[UPSTREAM].public()} if UPSTREAM in app else None,  # upstream_profile
     )
 
 

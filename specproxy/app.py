@@ -49,6 +49,7 @@ from specproxy.prefix import PrefixError, compute, tenant_digest
 from specproxy.registry import MemoryRegistry, Registry
 from specproxy.serving import serve_forever
 from specproxy.speculate import Speculator
+from specproxy.upstream_profile import UPSTREAM, match_positions, resolve
 from specproxy.warmer import TenantWarmLimits, Warmer
 
 log = logging.getLogger("specproxy.app")
@@ -159,6 +160,8 @@ async def prewarm(request: web.Request) -> web.Response:
             raise InvalidRequest("cache_control: no block in the request can carry a cache breakpoint")
         body = with_implicit_breakpoint(body)
         parsed = parsed.with_breakpoint(max(parsed.cacheable))
+    if app[WARMER].profile.engine:
+        parsed = match_positions(parsed)  # automatic prefix caching: registered at block positions
 
     request[LOG]["tenant"] = tenant
     headers = upstream_headers_of(app[CREDENTIALS], request)
@@ -263,6 +266,9 @@ def create_app(
         coalescer.on_use(speculator.used)
         app[COALESCER] = coalescer
         app[PIPELINE] = Pipeline(settings, credentials, reg, coalescer, app[FORWARDER], speculator, accounting)
+        # What serves the upstream (upstream_profile; "auto" asks it): how warms go, usage reads, prefixes match.
+        app[UPSTREAM] = await resolve(settings.upstream_profile, session, settings.upstream)
+        warmer.profile = app[PIPELINE].profile = app[UPSTREAM].profile
         yield
         await speculator.close()
         accounting.close()

@@ -41,6 +41,7 @@ class Settings:
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0 inside a container)")
     port: int = _f(8787, "port to listen on", min=0, max=65535)
     upstream: str = _f("https://api.anthropic.com", "the Messages API base URL requests are forwarded to")
+    upstream_profile: Literal["anthropic", "auto", "vllm", "sglang", "llamacpp"] = _f("anthropic", "what serves the upstream (how warms are sent, usage read, prefixes matched); auto asks it at start-up")  # noqa: E501  (engines: specproxy/upstream_profile.py)
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
     log_format: Literal["text", "json"] = _f("text", "log line format: text for a terminal, json for machines")
     # --- holding and warming ---

@@ -21,6 +21,7 @@ Each stage takes and returns plain values; no stage reaches back into an earlier
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from specproxy.keys import LOG
 from specproxy.outcome import BYPASS_VERDICT, CONTROL_HEADERS
 from specproxy.registry import Registry, State, Warm
 from specproxy.speculate import Speculator
+from specproxy.upstream_profile import ANTHROPIC, UpstreamProfile, match_positions
 from specproxy.usage import Usage
 
 
@@ -53,6 +55,7 @@ class Pipeline:
     forwarder: Forwarder
     speculator: Speculator
     accounting: Accounting
+    profile: UpstreamProfile = ANTHROPIC  # what serves the upstream (specproxy.upstream_profile)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         self.credentials.check(request.headers)
@@ -63,7 +66,11 @@ class Pipeline:
 
         # 1-2. identify, then the injection hook.
         inject = self.settings.inject_breakpoints
-        ident = identify(request.headers, raw, volatile=self.settings.volatile_system_prefixes, need_marker=not inject)
+        engine = self.profile.engine  # automatic prefix caching: every request, every block position
+        ident = identify(request.headers, raw, volatile=self.settings.volatile_system_prefixes,
+                         need_marker=not (inject or engine))
+        if ident is not None and engine:
+            ident = dataclasses.replace(ident, prefix=match_positions(ident.prefix))
         if ident is not None and inject and not ident.cacheable:
             ident = await self.speculator.inject(ident)
         if ident is not None:
@@ -103,6 +110,8 @@ class Pipeline:
                 await self.registry.settle(lead, State.FAILED, error="leader request failed")
 
         # 6. account, then the after-hooks (the parsed body is released when this returns).
+        if relayed.usage is not None:
+            self.profile.normalise(relayed.usage)  # engines: input_tokens may include the cache read
         self.accounting.relayed(verdict, relayed, fields, ident.tenant if ident is not None else None)
         trace.finish(verdict, relayed, ident)
         if ident is not None and (next_turn or lead is not None):
@@ -113,11 +122,14 @@ class Pipeline:
     def _settler(self, lead: Warm, ident: Identity | None) -> Callable[[Usage | None], Awaitable[None]]:
         registry = self.registry
         model = ident.body.get("model") if ident is not None else None
+        engine = self.profile.engine
 
         async def started(usage: Usage | None) -> None:
             # This request led its prefix and its response has begun: the cache entry exists now.
             lead.model = model if isinstance(model, str) else None
-            state = State.WARM if usage and (usage.cache_read or usage.cache_written) else State.UNCACHEABLE
+            # An engine has no creation counter: its response began, so the prefix is in its cache.
+            wrote = engine or bool(usage and (usage.cache_read or usage.cache_written))
+            state = State.WARM if wrote else State.UNCACHEABLE
             await registry.settle(lead, state)
 
         return started

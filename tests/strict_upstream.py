@@ -57,6 +57,7 @@ def refusal(body: Any) -> str | None:
 class StrictUpstream:
     url: str
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every /v1/messages body, in order
+    raw: list[bytes] = field(default_factory=list)  # the same, as the bytes that arrived
     refused: list[str] = field(default_factory=list)
 
     def warms(self) -> list[dict[str, Any]]:
@@ -72,6 +73,7 @@ async def strict_upstream(sim_url: str) -> AsyncIterator[StrictUpstream]:
     async def relay(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         if request.path == "/v1/messages":
+            state.raw.append(raw)
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:

@@ -18,8 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from specproxy.prefix import Prefix, compute, tenant_digest
-from specproxy.registry import State
-from specproxy.registry_redis import RedisRegistry
+from specproxy.registry import RedisRegistry, State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
 from tests.conftest import CONTEXT, KEY_A, KEY_B, eventually, headers, question_body, warm_body
 from tests.redis_server import REDIS_SERVER, RedisServer, run_replica

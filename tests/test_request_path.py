@@ -276,3 +276,24 @@ async def test_keep_warm_refreshes_a_1h_plus_5m_warm_on_the_5m_schedule(http: ai
         assert h["X-Cache-Warm"] == "hit"
         assert answer["usage"]["cache_creation_input_tokens"] == 0
         assert (await sim.stats())["cache_writes"] == writes
+
+
+# --- breakpoint injection changes nothing but the breakpoint ---------------------------------------------
+
+async def test_an_injected_body_keeps_integers_beyond_64_bits_exactly(http: aiohttp.ClientSession) -> None:
+    async with run_sim(time_scale=0.0) as sim, strict_upstream(sim.url) as strict, run_proxy(
+        strict.url, inject_breakpoints=True
+    ) as proxy:
+        async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps({"model": MODEL, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": CONTEXT,
+                                              "cache_control": {"type": "ephemeral"}}]}]}), headers=headers()) as r:
+            assert (await r.json())["state"] == "warm"
+        big = "123456789012345678901234567890"
+        text = orjson.dumps(CONTEXT).decode()
+        raw = (f'{{"model":"{MODEL}","max_tokens":16,"messages":[{{"role":"user","content":'
+               f'[{{"type":"text","text":{text}}},{{"type":"text","text":"q?"}}]}}],"top_k":{big}}}').encode()
+        async with http.post(proxy.url + "/v1/messages", data=raw, headers=headers()) as r:
+            assert r.headers["X-Cache-Warm-Injected"] == "1" and r.headers["X-Cache-Warm"] == "hit"
+        sent = strict.raw[-1]
+        assert b'"top_k":' + big.encode() in sent  # not 1.2345678901234568e+29
+        assert sent.count(b'"cache_control"') == 1

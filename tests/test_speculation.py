@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from specproxy.keys import METRICS, REGISTRY
+from specproxy.keys import METRICS, REGISTRY, SPECULATOR
 from specproxy.registry import Kind, State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy, run_sim
 from tests.conftest import CONTEXT, KEY_A, KEY_B, MODEL, eventually, headers, question_body, warm_body
@@ -159,8 +159,8 @@ async def test_keep_warm_is_off_by_default_and_keeps_no_bodies(proxy: ProxyHandl
     async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps(warm_body()), headers=headers()) as r:
         assert r.status == 200
     await ask(http, proxy, question_body())
-    warms = [w for w in proxy.app[REGISTRY]._by_id.values()]
-    assert all(w.body is None for w, _ in warms)
+    bodies = proxy.app[SPECULATOR].bodies
+    assert bodies.bytes == 0
 
 
 # --- breakpoint injection ------------------------------------------------------------------------------
