@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from specproxy import logs
+from specproxy import logs, tracing
 from specproxy.accounting import Accounting
 from specproxy.admin import healthz, json_response, metrics_endpoint, openapi, status_json, status_page
 from specproxy.bodies import with_implicit_breakpoint
@@ -190,13 +190,19 @@ async def prewarm_state(request: web.Request) -> web.Response:
 
 
 # --- the factory ----------------------------------------------------------------------------------
-def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
-    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one)."""
+def create_app(
+    settings: Settings, *, registry: Registry | None = None, tracer: tracing.OtelTracing | None = None
+) -> web.Application:
+    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one;
+    ``tracer`` replaces the tracing ``otel_*`` settings would set up)."""
+    tracer = tracer or tracing.setup(settings)
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[access_middleware, error_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[*((tracer.middleware,) if tracer else ()), access_middleware, error_middleware],
     )
     app[SETTINGS] = settings
     app[STARTED] = time.monotonic()
+    app[tracing.ENABLED] = tracer is not None
     metrics = Metrics(
         tenant_label=settings.metrics_tenant_label,
         pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},
@@ -253,6 +259,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         )
         app[WARMER] = warmer
         warmer.subscribe(accounting.warm_settled)
+        if tracer is not None:
+            warmer.subscribe(tracer.warm_settled)
         speculator = Speculator(settings, reg, warmer, metrics)  # subscribes itself
         app[SPECULATOR] = speculator
         coalescer = Coalescer(reg, warmer, max_hold=settings.max_hold, limits=limits, coalesce=settings.coalesce)
@@ -270,6 +278,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         await warmer.close()
         await reg.close()
         await session.close()
+        if tracer is not None:
+            await tracer.close()
 
     async def release_held(app: web.Application) -> None:
         # Shutdown step 2 (after the listener closed): held requests go upstream now, not dropped;
