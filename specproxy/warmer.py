@@ -301,4 +301,6 @@ async def _error_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
     except (orjson.JSONDecodeError, aiohttp.ClientError, TimeoutError, OSError):
         return {}
     error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(data, dict) and error is None and isinstance(data.get("message"), str):
+        return data  # a flat error object (SGLang's {"object": "error", "message": ...})
     return error if isinstance(error, dict) else {}
