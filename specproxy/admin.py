@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from specproxy import __version__, status
-from specproxy.keys import HOLDER, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.keys import COALESCER, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.upstream_profile import UPSTREAM
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
@@ -38,8 +39,9 @@ def _status_data(app: web.Application) -> dict[str, Any]:
         uptime=time.monotonic() - app[STARTED],
         summary=app[METRICS].summary(),
         registry=app[REGISTRY].snapshot(),
-        held=app[HOLDER].held,
+        held=app[COALESCER].held,
         warms_in_flight=app[WARMER].in_flight,
+        extra={"upstream": app[UPSTREAM].public()} if UPSTREAM in app else None,  # upstream_profile
     )
 
 
@@ -65,7 +67,7 @@ async def healthz(request: web.Request) -> web.Response:
             "version": __version__,
             "registry": app[SETTINGS].registry,
             "registry_degraded": bool(getattr(app[REGISTRY], "degraded", False)),
-            "held": app[HOLDER].held,
+            "held": app[COALESCER].held,
             "warms_in_flight": app[WARMER].in_flight,
             "uptime_s": round(time.monotonic() - app[STARTED], 3),
         }

@@ -22,13 +22,13 @@ def _settings_from(args: argparse.Namespace, *names: str) -> Settings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from specproxy.app import serve
 
-    settings = _settings_from(args, "host", "port", "upstream", "log_level")
+    settings = _settings_from(args, "host", "port", "upstream", "log_level", "upstream_profile")
     serve(settings)
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    settings = _settings_from(args, "host", "port", "upstream", "log_level")
+    settings = _settings_from(args, "host", "port", "upstream", "log_level", "upstream_profile")
     print(render_toml(settings))
     return 0
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="port to listen on (default 8787)")
         p.add_argument("--upstream", help="Messages API base URL (default https://api.anthropic.com)")
         p.add_argument("--log-level", dest="log_level", help="debug | info | warning | error")
+        p.add_argument("--upstream-profile", dest="upstream_profile", help="auto, anthropic, vllm, sglang, llamacpp")
         p.add_argument("--config", help="TOML config file (default: $SPECPROXY_CONFIG or ./config/specproxy.toml)")
 
     p = sub.add_parser("serve", help="run the proxy")

@@ -116,17 +116,21 @@ class Forwarder:
         tap_usage: bool = False,
         collect_content: bool = False,
         on_started: Callable[[Usage | None], Awaitable[None]] | None = None,
+        upstream_headers: CIMultiDict[str] | None = None,
     ) -> Relayed:
         """Send ``request`` with ``body`` (the client's original bytes) upstream and relay the response.
 
         ``extra_headers`` are added to the response (the ``X-Cache-Warm*`` contract); with
         ``tap_usage`` the response's token usage is read as it passes, without buffering the stream
         (``collect_content`` also rebuilds the reply's content blocks). ``on_started`` is awaited
-        once, as soon as the upstream response has begun and its input usage is known: at
-        ``message_start`` for a stream, when the body is complete otherwise.
+        once, as soon as the response has begun and its input usage is known: right after the chunk
+        holding ``message_start`` was written to the client for a stream, when the body is complete
+        otherwise. ``upstream_headers``, when given, are the headers to send (built once per request).
         """
         url = self._base + request.rel_url.raw_path_qs
-        headers = self._credentials.to_upstream(upstream_request_headers(request.headers))
+        headers = upstream_headers
+        if headers is None:
+            headers = self._credentials.to_upstream(upstream_request_headers(request.headers))
         start = time.monotonic()
         try:
             resp = await self._session.request(
@@ -168,10 +172,11 @@ class Forwarder:
                 async for chunk in resp.content.iter_any():
                     if tap is not None:
                         tap.feed(chunk)
-                        if on_started is not None and tap.usage is not None:
-                            callback, on_started = on_started, None
-                            await callback(tap.usage)
                     await out.write(chunk)
+                    # After the write: the response has begun for the client, not only upstream.
+                    if on_started is not None and tap is not None and tap.usage is not None:
+                        callback, on_started = on_started, None
+                        await callback(tap.usage)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 # The stream broke after the status went out: the client must see a broken
                 # response, not a silently short one. Drop the connection as the upstream did.

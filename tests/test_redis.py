@@ -18,8 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from specproxy.prefix import Prefix, compute, tenant_digest
-from specproxy.registry import State
-from specproxy.registry_redis import RedisRegistry
+from specproxy.registry import RedisRegistry, State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
 from tests.conftest import CONTEXT, KEY_A, KEY_B, eventually, headers, question_body, warm_body
 from tests.redis_server import REDIS_SERVER, RedisServer, run_replica
@@ -236,6 +235,9 @@ class Replica:
     def held(self) -> int:
         return self.proxy.held
 
+    async def until_held(self, n: int) -> None:
+        await self.proxy.until_held(n)
+
 
 @contextlib.asynccontextmanager
 async def replicas(sim: SimHandle, url: str, n: int = 3) -> AsyncIterator[list[Replica]]:
@@ -334,7 +336,7 @@ async def test_a_warm_failing_on_one_replica_releases_the_others_with_failed(
         await prewarm(http, a, **{"x-sim-fault": "overloaded", "x-sim-gate": "w"})
         await warming_everywhere([b])
         question = asyncio.create_task(ask(http, b))
-        await eventually(lambda: b.held == 1)
+        await b.until_held(1)
         await sim.open_gate("w")
         status, outcome, _ = await question
         assert (status, outcome) == (200, "failed")
@@ -347,7 +349,7 @@ async def test_a_cold_request_on_one_replica_leads_and_its_twin_on_another_waits
         leader = asyncio.create_task(ask(http, a, stream=True, **{"x-sim-gate": "lead"}))
         await warming_everywhere([b])  # a's streamed request registered itself as the prefix's leader
         follower = asyncio.create_task(ask(http, b, question="Another question?"))
-        await eventually(lambda: b.held == 1)
+        await b.until_held(1)
         await sim.open_gate("lead")
         (_, lead_outcome, _), (status, outcome, body) = await asyncio.gather(leader, follower)
         assert (lead_outcome, status, outcome) == ("miss", 200, "held")
@@ -397,7 +399,7 @@ async def test_redis_killed_mid_run_replicas_serve_alone_then_share_again_after_
         await prewarm(http, a, context=after, **{"x-sim-gate": "after"})
         await warming_everywhere([b], context=after)
         question = asyncio.create_task(ask(http, b, context=after))
-        await eventually(lambda: b.held == 1)
+        await b.until_held(1)
         await sim.open_gate("after")
         assert (await question)[:2] == (200, "held")
 
@@ -409,7 +411,7 @@ async def test_a_settle_missed_while_redis_was_down_reaches_the_holder_on_reconn
         await prewarm(http, a, **{"x-sim-gate": "warm"})
         await warming_everywhere([b])
         question = asyncio.create_task(ask(http, b))
-        await eventually(lambda: b.held == 1)
+        await b.until_held(1)
 
         await redis_server.kill()
         await eventually(lambda: a.registry.degraded and b.registry.degraded)
@@ -436,7 +438,7 @@ async def test_settings_alone_make_a_proxy_share_warm_state_through_redis(
         async with http.post(one.url + "/prewarm", json=warm_body(), headers=headers(**{"x-sim-gate": "w"})) as r:
             assert r.status == 202
         question = asyncio.create_task(http.post(two.url + "/v1/messages", json=question_body(), headers=headers()))
-        await eventually(lambda: two.held == 1)
+        await two.until_held(1)
         await sim.open_gate("w")
         async with await question as r:
             assert r.headers["X-Cache-Warm"] == "held"
