@@ -226,7 +226,7 @@ def parse_body(body: bytes, *, count_only: bool = False, strict: bool = True) ->
     system, system_plain = _system(raw.get("system"))
     tools = _tools(raw.get("tools"))
     _thinking(raw.get("thinking"), max_tokens)
-    if max_tokens == 0:
+    if max_tokens == 0 and strict:
         _prewarm_conflicts(raw, stream)
     return MessagesRequest(
         raw=raw,
