@@ -9,7 +9,7 @@ becomes the ``X-Cache-Warm*`` response headers.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -115,7 +115,9 @@ class Holder:
         volatile_prefixes: Sequence[str] = (),
         coalesce: bool = False,
         inject: bool = False,
+        tenant_of: Callable[[Mapping[str, str]], str | None] | None = None,
     ) -> None:
+        self._tenant_of = tenant_of  # the credential policy's tenant (injection: one shared tenant)
         self.speculation: Speculation | None = None
         self._coalesce = coalesce
         self._inject = inject
@@ -130,7 +132,7 @@ class Holder:
         """Parse and hash: a ``bypass`` verdict, or one carrying the prefix to match (outcome ``miss``)."""
         if not has_breakpoint_marker(raw) and not self._inject:
             return Verdict(BYPASS)  # cannot carry a breakpoint: not even parsed
-        cred = presented(headers)
+        cred = presented(headers) if self._tenant_of is None else self._tenant_of(headers)
         if cred is None:
             return Verdict(BYPASS)
         try:
@@ -139,7 +141,7 @@ class Holder:
             return Verdict(BYPASS)
         if not isinstance(body, dict):
             return Verdict(BYPASS)
-        tenant = tenant_digest(cred)
+        tenant = tenant_digest(cred) if self._tenant_of is None else cred
         try:
             parsed = compute(body, tenant, self._volatile)
         except PrefixError:
