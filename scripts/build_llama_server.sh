@@ -3,8 +3,8 @@
 #
 # The llama.cpp tree comes from the `llama-cpp-python` source distribution on the package index
 # (it vendors llama.cpp under vendor/llama.cpp), fetched with pip. Only the `llama-server` target
-# is built (Release, no shared libraries, no curl, no host-specific CPU flags), so the binary is
-# movable between machines of the same architecture.
+# is built (Release, static libraries, no curl or OpenSSL, no host-specific CPU flags), so the
+# binary needs only the C and C++ runtimes and moves between machines of the same architecture.
 #
 #   scripts/build_llama_server.sh            build when missing, print the binary's path
 #   SPECPROXY_LLAMA_DIR=DIR scripts/...      use DIR instead of the default cache directory
@@ -74,6 +74,7 @@ cmake -S "$src" -B "$build" \
   -DGGML_NATIVE=OFF \
   -DGGML_OPENMP=OFF \
   -DLLAMA_CURL=OFF \
+  -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=ON \

@@ -68,7 +68,7 @@ class Pipeline:
         inject = self.settings.inject_breakpoints
         engine = self.profile.engine  # automatic prefix caching: every request, every block position
         ident = identify(request.headers, raw, volatile=self.settings.volatile_system_prefixes,
-                         need_marker=not (inject or engine))
+                         need_marker=not (inject or engine), credentials=self.credentials)
         if ident is not None and engine:
             ident = dataclasses.replace(ident, prefix=match_positions(ident.prefix))
         if ident is not None and inject and not ident.cacheable:

@@ -143,9 +143,11 @@ PROFILES: Final[dict[str, UpstreamProfile]] = {
         warm_max_tokens=1,  # max_tokens 0 is refused: "max_tokens must be positive"
         warm_stream=False,
         fallback_to_one=False,
-        counters=("input_tokens", "cache_read_input_tokens", "output_tokens"),
+        # With --enable-prompt-tokens-details: input_tokens is what was not read, cache_read_input_tokens
+        # the rest, cache_creation_input_tokens always 0; without it input_tokens is the whole prompt.
+        counters=("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens"),
         creation_counter=False,
-        input_includes_cache_read=True,
+        input_includes_cache_read=False,
         automatic_prefix_caching=True,
         shared_cache=True,
         slots="none: every running request shares the paged KV cache and its prefix blocks",
@@ -157,6 +159,8 @@ PROFILES: Final[dict[str, UpstreamProfile]] = {
         warm_max_tokens=1,  # max_tokens 0 is refused: "max_tokens must be positive"
         warm_stream=False,
         fallback_to_one=False,
+        # With --enable-cache-report: input_tokens is the whole prompt, cached ones included, and
+        # cache_read_input_tokens the cached part (message_start carries zeros; message_delta the counts).
         counters=("input_tokens", "cache_read_input_tokens", "output_tokens"),
         creation_counter=False,
         input_includes_cache_read=True,

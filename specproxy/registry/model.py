@@ -133,6 +133,7 @@ class Registry(Protocol):
     ) -> tuple[Warm, bool]:
         """Single flight: the warm for this prefix, and True when the caller must send it.
 
+        Decided by :func:`specproxy.registry.rules.decide` at the prefix's longest breakpoint key.
         ``replace`` takes over a prefix whose current warm is a non-streaming leader still in flight.
         """
 
@@ -150,6 +151,10 @@ class Registry(Protocol):
 
     async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
         """A warm by its 16-hex id, for its own tenant only; with its expiry."""
+
+    async def sync(self) -> None:
+        """Return once this backend's changes are shared and what others shared before is applied here
+        (a no-op in memory: a seam for tests and hand-overs, never needed on the request path)."""
 
     def snapshot(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Public view of live warms (optionally one tenant's), newest first."""
