@@ -11,6 +11,7 @@ from aiohttp import web
 
 from specproxy import __version__, status
 from specproxy.keys import COALESCER, CREDENTIALS, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.serving import SERVER_STATS
 from specproxy.upstream_profile import UPSTREAM
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -78,6 +79,7 @@ async def healthz(request: web.Request) -> web.Response:
             "held": app[COALESCER].held,
             "warms_in_flight": app[WARMER].in_flight,
             "uptime_s": round(time.monotonic() - app[STARTED], 3),
+            "connections": app[SERVER_STATS].as_json() if SERVER_STATS in app else None,
         }
     )
 

@@ -95,7 +95,8 @@ class Settings:
     )
     upstream_idle_timeout: float = _f(15.0, "seconds an idle pooled upstream connection is kept", min=0.001)
     upstream_pool_timeout: float = _f(
-        30.0, "seconds a request waits for a free upstream connection when all are busy (529 after)", min=0
+        30.0, "seconds a request waits for a free upstream connection when all are busy, then 529 "
+        "(plus upstream_connect_timeout for the connect itself)", min=0
     )
     credential_state_max: int = _f(
         10_000, "credentials whose per-credential limits are tracked at once (least recent forgotten first)", min=1

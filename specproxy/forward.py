@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import http_writer, web
+from aiohttp import http_writer, payload, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -89,6 +89,15 @@ def install_header_bytes() -> None:
     """Make aiohttp's writers keep non-UTF-8 header bytes (idempotent; see :func:`serialize_headers`)."""
     if getattr(http_writer, "_serialize_headers", None) is not serialize_headers:
         http_writer._serialize_headers = serialize_headers
+
+
+class RequestBody(payload.BytesPayload):
+    """The client's body as it goes upstream: aiohttp's bytes payload without its warning about
+    bodies over 1 MB (a Messages request may be 32 MB; the transport buffers it, nothing blocks)."""
+
+    def __init__(self, value: bytes) -> None:
+        payload.Payload.__init__(self, value, content_type="application/octet-stream")
+        self._size = len(value)
 
 
 @dataclass(slots=True)
@@ -217,7 +226,7 @@ class Forwarder:
         """
         streamed = body is None
         headers = upstream_headers if upstream_headers is not None else self.headers_for(request, streamed=streamed)
-        data: Any = body if body else None
+        data: Any = RequestBody(body) if body else None
         if streamed and request.body_exists:
             data = request.content
         start = time.monotonic()

@@ -180,6 +180,14 @@ class GuardedHandler(web_protocol.RequestHandler):
         return not self._messages and not self._request_in_progress
 
     @property
+    def closing(self) -> bool:
+        return self._force_close or self.transport is None
+
+    def force_close(self) -> None:
+        self._cancel_header_timer()
+        super().force_close()
+
+    @property
     def in_header_phase(self) -> bool:
         """A new connection, or one that has sent part of a request's headers: not a kept-alive idle one."""
         return self.sending_headers and self._header_handle is not None
@@ -299,7 +307,8 @@ class GuardedServer(web.Server):
         """Close the oldest connection still sending headers, else the oldest idle one."""
         idle: GuardedHandler | None = None
         for conn in self._connections:
-            if conn is newcomer or not isinstance(conn, GuardedHandler) or not conn.sending_headers:
+            if (conn is newcomer or not isinstance(conn, GuardedHandler) or conn.closing
+                    or not conn.sending_headers):
                 continue
             if conn.in_header_phase:
                 conn.force_close()
