@@ -81,7 +81,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         fields.pop("tenant", None)
         logs.access(
             {
-                "method": request.method,
+                "method": logs.method_label(request.method),
                 "path": request.path,
                 "status": status,
                 **fields,

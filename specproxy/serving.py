@@ -253,12 +253,12 @@ class GuardedHandler(web_protocol.RequestHandler):
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         if isinstance(exc, http_exceptions.HttpProcessingError) or (status == 400 and exc is not None):
             self._stats.parser_errors += 1
-            self.logger.debug("rejected a malformed request: %s", type(exc).__name__)
+            log.debug("rejected a malformed request: %s", type(exc).__name__)
             return _answer(400, "invalid_request_error", parser_error_message(exc), self._guard.error_headers)
         if status == 504:
             return _answer(504, "timeout_error", "The request timed out.", self._guard.error_headers)
         if exc is not None:
-            self.logger.error("unexpected %s: %s", type(exc).__name__, frames_only(exc))
+            log.error("unexpected %s: %s", type(exc).__name__, frames_only(exc))
         return _answer(500, "api_error", "Internal server error.", self._guard.error_headers)
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
@@ -266,9 +266,9 @@ class GuardedHandler(web_protocol.RequestHandler):
         exc = kw.get("exc_info")
         msg = str(args[0]) if args else "error"
         if isinstance(exc, BaseException):
-            self.logger.error("%s: %s at %s", msg, type(exc).__name__, frames_only(exc))
+            log.error("%s: %s at %s", msg, type(exc).__name__, frames_only(exc))
         else:
-            self.logger.error("%s", msg)
+            log.error("%s", msg)
 
     def log_debug(self, *args: Any, **kw: Any) -> None:
         if self.debug:

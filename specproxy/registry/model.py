@@ -56,8 +56,6 @@ class Warm:
     model: str | None = None
     kind: Kind = Kind.PREWARM
     keys: list[bytes] = field(default_factory=list)  # the chain values it registered
-    body: dict[str, Any] | None = None  # kept only for keep-warm re-sends, within a byte budget
-    headers: Any = None  # the upstream headers a re-send needs (credential included); never shown
     next_turn_of: str | None = None  # for a next-turn warm: the prefix id of the turn it extends
     expires_at: float = 0.0  # when its longest-lived entry expires (this replica's clock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
