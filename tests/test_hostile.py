@@ -88,3 +88,30 @@ async def test_helper_warm_behind_non_streaming_leader_keeps_automatic_caching_b
         status, later, body = await post(http, proxy.url, automatic_caching_body(CONTEXT, "q"))
         assert orjson.loads(body)["usage"]["cache_read_input_tokens"] > 0
         assert later["x-cache-warm"] == "hit"
+
+
+async def test_leader_client_leaving_before_its_response_does_not_release_followers_as_failed() -> None:
+    """The leader's client hangs up while its request is still in prefill: no warm failed upstream,
+    so its held followers must not all go at once as ``failed`` (three cache writes): one of them
+    should take the lead and the others read what it writes."""
+    async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, max_hold=10.0) as proxy, \
+            aiohttp.ClientSession() as http:
+        leader = asyncio.create_task(post(http, proxy.url, question_body("lead", stream=True),
+                                          **{"x-sim-gate": "lead"}))
+
+        async def leader_gated() -> bool:
+            return (await sim.gates()).get("lead", 0) == 1
+
+        await eventually(leader_gated)
+        followers = [asyncio.create_task(post(http, proxy.url, question_body(f"q{i}", stream=True)))
+                     for i in range(3)]
+        await proxy.until_held(3)
+        leader.cancel()  # the leader's client disconnects
+        results = await asyncio.gather(*followers)
+        assert all(r[0] == 200 for r in results)
+        outcomes = sorted(r[1]["x-cache-warm"] for r in results)
+        await sim.open_gate("lead")
+        assert "failed" not in outcomes, outcomes
+        writes = [r for r in await sim.requests() if r.get("usage") and r["usage"]["cache_creation_input_tokens"]
+                  and r.get("gate") is None]
+        assert len(writes) == 1, f"{len(writes)} follower cache writes"
