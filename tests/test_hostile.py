@@ -122,8 +122,9 @@ async def test_injection_mode_client_tokens_are_separate_tenants() -> None:
     Yet a warm /prewarm'ed with client token one is visible, by its id, to client token two."""
     from tests.conftest import warm_body
 
+    tokens = ["tok-one", "tok-two"]
     async with run_sim(time_scale=0.0) as sim, \
-            run_proxy(sim.url, upstream_api_key="sk-ant-upstream-0000", client_tokens=["tok-one", "tok-two"]) as proxy, \
+            run_proxy(sim.url, upstream_api_key="sk-ant-upstream-0000", client_tokens=tokens) as proxy, \
             aiohttp.ClientSession() as http:
         async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps(warm_body()),
                              headers=headers("tok-one")) as r:
