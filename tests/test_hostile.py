@@ -53,3 +53,84 @@ async def test_concurrent_fanout_after_a_client_400_is_coalesced() -> None:
         results = await asyncio.gather(gated, *followers)
         assert all(r[0] == 200 for r in results)
         assert (await sim.stats())["cache_writes"] == 1
+
+
+def automatic_caching_body(document: str, question: str) -> dict[str, Any]:
+    """Top-level ``cache_control`` (automatic caching): the last cacheable block is the breakpoint."""
+    return {"model": "claude-sonnet-4-6", "max_tokens": 32, "cache_control": {"type": "ephemeral"},
+            "system": document, "messages": [{"role": "user", "content": question}]}
+
+
+async def test_helper_warm_behind_non_streaming_leader_keeps_automatic_caching_breakpoint() -> None:
+    """Behind a non-streaming leader of an automatic-caching body, the helper warm is sent with no
+    breakpoint at all (the cut drops top-level ``cache_control`` and adds none): it writes nothing,
+    the follower is told ``uncacheable`` and the prefix stays ``uncacheable`` though it is cached.
+    (Identical bodies: automatic caching puts the breakpoint on the last block, the question.)"""
+    from tests.conftest import CONTEXT
+
+    async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, max_hold=10.0) as proxy, \
+            aiohttp.ClientSession() as http:
+        leader = asyncio.create_task(post(http, proxy.url, automatic_caching_body(CONTEXT, "q"),
+                                          **{"x-sim-gate": "lead"}))
+
+        async def leader_gated() -> bool:
+            return (await sim.gates()).get("lead", 0) == 1
+
+        await eventually(leader_gated)
+        status, follower, _ = await post(http, proxy.url, automatic_caching_body(CONTEXT, "q"))
+        assert status == 200
+        await sim.open_gate("lead")
+        assert (await leader)[0] == 200
+        helper = [r for r in await sim.requests() if r.get("max_tokens") == 0]
+        assert len(helper) == 1
+        assert helper[0]["usage"]["cache_creation_input_tokens"] > 0, "the helper warm wrote nothing"
+        assert follower["x-cache-warm"] == "held"
+        status, later, body = await post(http, proxy.url, automatic_caching_body(CONTEXT, "q"))
+        assert orjson.loads(body)["usage"]["cache_read_input_tokens"] > 0
+        assert later["x-cache-warm"] == "hit"
+
+
+async def test_leader_client_leaving_before_its_response_does_not_release_followers_as_failed() -> None:
+    """The leader's client hangs up while its request is still in prefill: no warm failed upstream,
+    so its held followers must not all go at once as ``failed`` (three cache writes): one of them
+    should take the lead and the others read what it writes."""
+    async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, max_hold=10.0) as proxy, \
+            aiohttp.ClientSession() as http:
+        leader = asyncio.create_task(post(http, proxy.url, question_body("lead", stream=True),
+                                          **{"x-sim-gate": "lead"}))
+
+        async def leader_gated() -> bool:
+            return (await sim.gates()).get("lead", 0) == 1
+
+        await eventually(leader_gated)
+        followers = [asyncio.create_task(post(http, proxy.url, question_body(f"q{i}", stream=True)))
+                     for i in range(3)]
+        await proxy.until_held(3)
+        leader.cancel()  # the leader's client disconnects
+        results = await asyncio.gather(*followers)
+        assert all(r[0] == 200 for r in results)
+        outcomes = sorted(r[1]["x-cache-warm"] for r in results)
+        await sim.open_gate("lead")
+        assert "failed" not in outcomes, outcomes
+        writes = [r for r in await sim.requests() if r.get("usage") and r["usage"]["cache_creation_input_tokens"]
+                  and r.get("gate") is None]
+        assert len(writes) == 1, f"{len(writes)} follower cache writes"
+
+
+async def test_injection_mode_client_tokens_are_separate_tenants() -> None:
+    """README: in injection mode "each token is a tenant", and tenant B never sees tenant A's warms.
+    Yet a warm /prewarm'ed with client token one is visible, by its id, to client token two."""
+    from tests.conftest import warm_body
+
+    tokens = ["tok-one", "tok-two"]
+    async with run_sim(time_scale=0.0) as sim, \
+            run_proxy(sim.url, upstream_api_key="sk-ant-upstream-0000", client_tokens=tokens) as proxy, \
+            aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps(warm_body()),
+                             headers=headers("tok-one")) as r:
+            assert r.status == 200
+            prefix = (await r.json())["prefix"]
+        async with http.get(proxy.url + f"/prewarm/{prefix}", headers=headers("tok-one")) as r:
+            assert r.status == 200
+        async with http.get(proxy.url + f"/prewarm/{prefix}", headers=headers("tok-two")) as r:
+            assert r.status == 404, await r.text()
