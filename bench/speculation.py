@@ -7,6 +7,8 @@ latencies, not the proxy's own cost) at a time scale, and reports times scaled b
 seconds, with dollars from the pricing table in specproxy/metrics.py.
 - Fan-out: N = 10 parallel cold requests over one ~150k-token prefix, with and without coalescing,
   streaming and non-streaming: cache writes and reads, dollars, mean TTFT and the time to the last.
+- Fan-out behind a warm system prompt: N = 5 parallel questions on a new ~10k-token document after
+  the system prompt was prewarmed: writes 2 (the system prompt, the document once), not N + 1.
 - Next turn: turn 2's TTFT after a long reply, with and without the next-turn warm.
 - Keep-warm: a prefix kept warm for a simulated hour: re-warms, their cost, against the rewrites
   (and their TTFT) it avoids for a user who comes back after the TTL.
@@ -94,6 +96,51 @@ async def fan_out(scale: float, n: int = 10) -> dict[str, Any]:
     return out
 
 
+SYSTEM = "".join(f"Rule {i}: cite the clause number of every fact you use.\n" for i in range(600))  # ~8k tokens
+DOCUMENT = "".join(f"Clause {i}. The party of part {i % 13} shall deliver item {i}.\n" for i in range(700))  # ~10k
+
+
+def doc_question(q: str, *, stream: bool) -> dict[str, Any]:
+    """A system prompt that is already warm, then a new ~10k-token document, then the question."""
+    return {
+        "model": MODEL, "max_tokens": 64, "stream": stream,
+        "system": [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": DOCUMENT, "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": q}]}],
+    }
+
+
+async def fan_out_behind_warm_system(scale: float, n: int = 5) -> dict[str, Any]:
+    """N parallel questions on a new document behind a prewarmed system prompt: the document should be
+    written once (2 writes in all, the system prompt's included), not N times."""
+    out: dict[str, Any] = {}
+    for stream in (True, False):
+        for coalesce in (True, False):
+            async with run_sim(time_scale=scale) as sim, run_proxy(sim.url, coalesce=coalesce) as proxy, \
+                    aiohttp.ClientSession() as http:
+                warm = {"model": MODEL, "system": doc_question("", stream=False)["system"],
+                        "messages": [{"role": "user", "content": "hi"}]}
+                async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps(warm), headers=HEADERS) as r:
+                    assert (await r.json())["state"] == "warm"
+                start = time.perf_counter()
+                results = await asyncio.gather(*(timed(http, proxy.url, doc_question(f"q{i}", stream=stream))
+                                                 for i in range(n)))
+                wall = time.perf_counter() - start
+                stats = await sim.stats()
+            key = f"{'stream' if stream else 'json'}_{'coalesce' if coalesce else 'off'}"
+            out[key] = {
+                "cache_writes": stats["cache_writes"],
+                "cache_reads": stats["cache_reads"],
+                "tokens_written": sum(u["cache_creation_input_tokens"] for _, _, u, _ in results),
+                "dollars": round(dollars([u for _, _, u, _ in results]), 4),
+                "mean_ttft_s": round(statistics.mean(t for t, _, _, _ in results) / scale, 2),
+                "last_done_s": round(wall / scale, 2),
+                "outcomes": sorted(h["X-Cache-Warm"] for _, _, _, h in results),
+            }
+    return out
+
+
 async def next_turn(scale: float, reply_tokens: int = 2000) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for warm_next in (False, True):
@@ -157,6 +204,14 @@ def table(results: dict[str, Any]) -> str:
     for k, v in results["fan_out"].items():
         lines.append(f"{k:22} {v['cache_writes']:>6} {v['cache_reads']:>6} {v['dollars']:>8.3f} "
                      f"{v['mean_ttft_s']:>9.2f}s {v['last_done_s']:>9.2f}s")
+    lines += ["", "Fan-out of 5 on a new ~10k-token document behind a warm ~8k-token system prompt "
+              "(writes include the system prompt's prewarm)",
+              f"{'variant':22} {'writes':>6} {'reads':>6} {'tok written':>11} {'$':>8} {'mean TTFT':>10} "
+              f"{'last done':>10} outcomes"]
+    for k, v in results["fan_out_behind_warm_system"].items():
+        lines.append(f"{k:22} {v['cache_writes']:>6} {v['cache_reads']:>6} {v['tokens_written']:>11} "
+                     f"{v['dollars']:>8.3f} {v['mean_ttft_s']:>9.2f}s {v['last_done_s']:>9.2f}s "
+                     f"{','.join(v['outcomes'])}")
     lines += ["", "Next turn: turn-2 TTFT after a 2,000-token reply",
               f"{'variant':22} {'TTFT':>8} {'read':>8} {'write':>8} outcome"]
     for k, v in results["next_turn"].items():
@@ -174,6 +229,7 @@ async def run(scale: float, quick: bool) -> dict[str, Any]:
     return {
         "time_scale": scale,
         "fan_out": await fan_out(scale, n=4 if quick else 10),
+        "fan_out_behind_warm_system": await fan_out_behind_warm_system(scale, n=3 if quick else 5),
         "next_turn": await next_turn(scale),
         "keep_warm": await keep_warm(0.005 if not quick else 0.002, hours=0.2 if quick else 1.0),
     }

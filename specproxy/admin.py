@@ -10,8 +10,9 @@ import orjson
 from aiohttp import web
 
 from specproxy import __version__, status
-from specproxy.keys import CREDENTIALS, HOLDER, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.keys import COALESCER, CREDENTIALS, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
 from specproxy.serving import SERVER_STATS
+from specproxy.upstream_profile import UPSTREAM
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
@@ -47,9 +48,10 @@ def _status_data(app: web.Application, view: status.View = status.View.ADMIN, te
         uptime=time.monotonic() - app[STARTED],
         summary=app[METRICS].summary(),
         registry=rows,
-        held=app[HOLDER].held,
+        held=app[COALESCER].held,
         warms_in_flight=app[WARMER].in_flight,
         view=view,
+        extra={"upstream": app[UPSTREAM].public()} if UPSTREAM in app else None,  # upstream_profile
     )
 
 
@@ -74,7 +76,7 @@ async def healthz(request: web.Request) -> web.Response:
             "version": __version__,
             "registry": app[SETTINGS].registry,
             "registry_degraded": bool(getattr(app[REGISTRY], "degraded", False)),
-            "held": app[HOLDER].held,
+            "held": app[COALESCER].held,
             "warms_in_flight": app[WARMER].in_flight,
             "uptime_s": round(time.monotonic() - app[STARTED], 3),
             "connections": app[SERVER_STATS].as_json() if SERVER_STATS in app else None,

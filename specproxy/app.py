@@ -6,7 +6,6 @@ close in ``cleanup_ctx``. No globals.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,41 +15,41 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from specproxy import logs
+from specproxy import logs, tracing
+from specproxy.accounting import Accounting
 from specproxy.admin import healthz, json_response, metrics_endpoint, openapi, status_json, status_page
-from specproxy.bodies import cut, with_implicit_breakpoint
+from specproxy.bodies import with_implicit_breakpoint
+from specproxy.coalesce import Coalescer, HoldLimits
 from specproxy.config import Settings
 from specproxy.credentials import Credentials
 from specproxy.errors import (
     AuthenticationFailed,
     InvalidRequest,
     NotFound,
-    SpecproxyError,
 )
-from specproxy.forward import Forwarder, Relayed, upstream_request_headers
+from specproxy.forward import Forwarder
 from specproxy.guard import error_middleware, own_paths_middleware, unanswered_status
-from specproxy.hold import HELD, HIT, Holder, HoldLimits, Verdict
 from specproxy.keys import (
+    COALESCER,
     CREDENTIALS,
     FORWARDER,
-    HOLDER,
     LOG,
     METRICS,
     REGISTRY,
     SETTINGS,
     SPECULATOR,
     STARTED,
-    TIMERS,
     WARMER,
     Handler,
 )
 from specproxy.metrics import DEFAULT_PRICING, Metrics
+from specproxy.pipeline import Pipeline, upstream_headers_of
 from specproxy.prefix import PrefixError, compute
-from specproxy.registry import Kind, MemoryRegistry, Registry, State, Warm
+from specproxy.registry import MemoryRegistry, Registry
 from specproxy.serving import SERVER_OPTIONS, SERVER_STATS, ServerOptions, ServerStats, descriptor_budget, serve_forever
 from specproxy.speculate import Speculator
-from specproxy.usage import Usage
-from specproxy.warmer import TenantWarmLimits, Warmer, WarmResult
+from specproxy.upstream_profile import UPSTREAM, match_positions, resolve
+from specproxy.warmer import TenantWarmLimits, Warmer
 
 log = logging.getLogger("specproxy.app")
 
@@ -110,86 +109,12 @@ def _require_credential(request: web.Request) -> str:
 
 
 # --- handlers -------------------------------------------------------------------------------------
+PIPELINE = web.AppKey("pipeline", Pipeline)
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/messages``: route (maybe hold), then forward the original bytes."""
-    app = request.app
-    app[CREDENTIALS].check(request.headers)
-    raw = await request.read()
-    fields = request[LOG]
-    try:
-        verdict = await app[HOLDER].route(request.headers, raw)
-    except asyncio.CancelledError:
-        fields["outcome"] = "abandoned"  # the client left while held: nothing went upstream
-        raise
-    fields.update(outcome=verdict.outcome, wait_ms=verdict.wait_ms, prefix=verdict.prefix, tenant=verdict.tenant)
-    metrics = app[METRICS]
-    if verdict.held_s is not None:
-        metrics.hold_seconds.observe(verdict.held_s)
-    if verdict.coalesced and verdict.outcome == HELD:
-        metrics.coalesced.inc()
-    speculator = app[SPECULATOR]
-    next_turn = speculator.wants_next_turn(request.headers)
-    leader = verdict.leader
-    registry = app[REGISTRY]
-
-    async def leader_started(usage: Usage | None) -> None:
-        # This request led its prefix: its response has begun, so the cache entry exists now.
-        assert leader is not None
-        state = State.WARM if usage and (usage.cache_read or usage.cache_written) else State.UNCACHEABLE
-        await registry.settle(leader, state)
-        parsed = verdict.parsed
-        if state is State.WARM and speculator.keeps_bodies and verdict.body and parsed and not parsed.images:
-            last = parsed.breakpoints[-1].position
-            made = cut(verdict.body, parsed, last)
-            if made is not None:
-                speculator.keep_body(leader, made[0], made[1], request.headers, len(raw))
-            speculator.used(leader, leader.ttl)
-
-    try:
-        relayed = await app[FORWARDER].forward(
-            request,
-            verdict.raw or raw,
-            extra_headers=verdict.headers(),
-            tap_usage=True,
-            collect_content=next_turn,
-            on_started=leader_started if leader is not None else None,
-        )
-    except SpecproxyError as exc:
-        response = exc.to_response()
-        response.headers.update(verdict.headers())
-        return response
-    finally:
-        if leader is not None and not leader.settled:
-            await registry.settle(leader, State.FAILED, error="leader request failed")
-    _account(app, verdict, relayed, fields)
-    if next_turn:
-        await speculator.next_turn(verdict, relayed, request.headers)
-    assert relayed.response is not None
-    return relayed.response
-
-
-def _account(app: web.Application, verdict: Verdict, relayed: Relayed, fields: dict[str, Any]) -> None:
-    """Metrics and log fields of one relayed Messages call; flags a hit that read nothing."""
-    metrics = app[METRICS]
-    metrics.upstream_ttfb.labels("/v1/messages").observe(relayed.ttfb)
-    metrics.upstream_total.labels("/v1/messages").observe(relayed.total)
-    fields.update(upstream_request_id=relayed.request_id, upstream_ttfb_ms=round(relayed.ttfb * 1000, 2),
-                  upstream_ms=round(relayed.total * 1000, 2))
-    if relayed.broken:
-        fields["broken"] = True
-    usage = relayed.usage
-    if usage is None:
-        return
-    fields.update(model=relayed.model, usage=usage.as_dict())
-    metrics.usage(usage, relayed.model, verdict.tenant)
-    if verdict.outcome in (HIT, HELD) and usage.cache_read == 0:
-        metrics.warm_mismatch()
-        fields["mismatch"] = True
-        log.warning(
-            "prefix %s was %s but the response read no cache: the prompt may be under the model's minimum, "
-            "or differ from the warm before its breakpoint",
-            verdict.prefix, verdict.outcome,
-        )
+    """``POST /v1/messages``: the request path (specproxy.pipeline)."""
+    return await request.app[PIPELINE](request)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -222,13 +147,14 @@ async def prewarm(request: web.Request) -> web.Response:
             raise InvalidRequest("cache_control: no block in the request can carry a cache breakpoint")
         body = with_implicit_breakpoint(body)
         parsed = parsed.with_breakpoint(max(parsed.cacheable))
+    if app[WARMER].profile.engine:
+        parsed = match_positions(parsed)  # automatic prefix caching: registered at block positions
 
     request[LOG]["tenant"] = tenant
-    warm, started = await app[WARMER].warm(
-        tenant, parsed, body, app[CREDENTIALS].to_upstream(upstream_request_headers(request.headers))
-    )
+    headers = upstream_headers_of(app[CREDENTIALS], request)
+    warm, started = await app[WARMER].warm(tenant, parsed, body, headers)
     if started:
-        app[SPECULATOR].keep_body(warm, body, parsed, request.headers, len(raw))
+        app[SPECULATOR].keep(warm, body, parsed, headers, len(raw))
     request[LOG].update(prefix=warm.prefix, outcome="prewarm-sent" if started else "prewarm-deduplicated")
     status = 202
     if request.query.get("wait") in ("1", "true", "yes"):
@@ -251,11 +177,16 @@ async def prewarm_state(request: web.Request) -> web.Response:
 
 
 # --- the factory ----------------------------------------------------------------------------------
-def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
-    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one)."""
+def create_app(
+    settings: Settings, *, registry: Registry | None = None, tracer: tracing.OtelTracing | None = None
+) -> web.Application:
+    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one;
+    ``tracer`` replaces the tracing ``otel_*`` settings would set up)."""
+    tracer = tracer or tracing.setup(settings)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[access_middleware, error_middleware, own_paths_middleware],
+        middlewares=[*((tracer.middleware,) if tracer else ()), access_middleware, error_middleware,
+                     own_paths_middleware],
     )
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = ServerOptions(
@@ -268,6 +199,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     )
     app[SERVER_STATS] = ServerStats()
     app[STARTED] = time.monotonic()
+    app[tracing.ENABLED] = tracer is not None
     metrics = Metrics(
         tenant_label=settings.metrics_tenant_label,
         pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},
@@ -275,8 +207,6 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
     app[METRICS] = metrics
     credentials = Credentials(settings.upstream_api_key, settings.client_tokens)
     app[CREDENTIALS] = credentials
-    timers: set[asyncio.TimerHandle] = set()
-    app[TIMERS] = timers
     reg: Registry
     if registry is not None:
         reg = registry
@@ -291,37 +221,12 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             failed_ttl=settings.failed_ttl,
             rewarm_margin=settings.rewarm_margin,
             ttl_scale=settings.cache_ttl_scale,
+            max_entries_per_tenant=settings.max_entries_per_tenant,
         )
     app[REGISTRY] = reg
-    holder = Holder(
-        reg,
-        max_hold=settings.max_hold,
-        limits=HoldLimits(settings.max_held_total, settings.max_held_per_tenant),
-        volatile_prefixes=settings.volatile_system_prefixes,
-        coalesce=settings.coalesce,
-        inject=settings.inject_breakpoints,
-        tenant_of=credentials.tenant,
-    )
-    app[HOLDER] = holder
-    metrics.held.set_function(lambda: holder.held)
-
-    def on_settled(warm: Warm, result: WarmResult) -> None:
-        metrics.warm_settled(str(result.state), result.mode, warm.tenant)
-        if result.usage:
-            metrics.usage(Usage.from_api(result.usage), warm.model, warm.tenant)
-        if result.state is State.WARM:
-            app[SPECULATOR].used(warm, warm.ttl)  # a fresh warm is in use: keep-warm may keep it
-            # A warm nobody used before its TTL ran out was money spent for nothing: count it.
-            def check() -> None:
-                timers.discard(handle)
-                if warm.uses == 0:
-                    metrics.warm_wasted()
-                    if warm.kind is Kind.NEXT_TURN:
-                        metrics.next_turn.labels("unused").inc()
-
-            delay = max(0.0, warm.started_at + warm.ttl - time.monotonic())
-            handle = asyncio.get_running_loop().call_later(delay, check)
-            timers.add(handle)
+    limits = HoldLimits(settings.max_held_total, settings.max_held_per_tenant, settings.max_held_bytes)
+    metrics.held.set_function(lambda: limits.total)
+    accounting = Accounting(metrics)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         start = getattr(reg, "start", None)
@@ -347,7 +252,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             pool_timeout=settings.upstream_pool_timeout,
             credentials=credentials,
         )
-        app[WARMER] = Warmer(
+        warmer = Warmer(
             session,
             settings.upstream,
             reg,
@@ -355,24 +260,35 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant,
                                     settings.credential_state_max),
         )
-        app[WARMER].subscribe(on_settled)
-        speculator = Speculator(settings, reg, app[WARMER], metrics, credentials)
+        app[WARMER] = warmer
+        warmer.subscribe(accounting.warm_settled)
+        if tracer is not None:
+            warmer.subscribe(tracer.warm_settled)
+        speculator = Speculator(settings, reg, warmer, metrics)  # subscribes itself
         app[SPECULATOR] = speculator
-        holder.speculation = speculator
+        coalescer = Coalescer(reg, warmer, max_hold=settings.max_hold, limits=limits, coalesce=settings.coalesce)
+        coalescer.on_use(speculator.used)
+        app[COALESCER] = coalescer
+        app[PIPELINE] = Pipeline(settings, credentials, reg, coalescer, app[FORWARDER], speculator, accounting)
+        # What serves the upstream (upstream_profile; "auto" asks it): how warms go, usage reads, prefixes match.
+        app[UPSTREAM] = await resolve(settings.upstream_profile, session, settings.upstream)
+        warmer.profile = app[PIPELINE].profile = app[UPSTREAM].profile
         yield
         await speculator.close()
-        for handle in timers:
-            handle.cancel()
+        accounting.close()
         # Shutdown, in order: stop background warms (they settle as failed, releasing holders),
         # close the registry, then the pooled upstream connections.
-        await app[WARMER].close()
+        await warmer.close()
         await reg.close()
         await session.close()
+        if tracer is not None:
+            await tracer.close()
 
     async def release_held(app: web.Application) -> None:
         # Shutdown step 2 (after the listener closed): held requests go upstream now, not dropped;
         # the runner then lets open streams finish for up to `drain_timeout`.
-        holder.drain()
+        if COALESCER in app:
+            app[COALESCER].drain()
 
     app.cleanup_ctx.append(upstream_ctx)
     app.on_shutdown.append(release_held)

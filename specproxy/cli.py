@@ -22,13 +22,13 @@ def _settings_from(args: argparse.Namespace, *names: str) -> Settings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from specproxy.app import serve
 
-    settings = _settings_from(args, "host", "port", "upstream", "log_level")
+    settings = _settings_from(args, "host", "port", "upstream", "log_level", "upstream_profile")
     serve(settings)
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    settings = _settings_from(args, "host", "port", "upstream", "log_level")
+    settings = _settings_from(args, "host", "port", "upstream", "log_level", "upstream_profile")
     print(render_toml(settings))
     return 0
 
@@ -36,7 +36,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from specproxy.sim import load_profile, run_sim_server
 
-    profile = load_profile(args.config, time_scale=args.time_scale)
+    profile = load_profile(args.config, time_scale=args.time_scale, dialect=args.dialect,
+                           cache_report=True if args.cache_report else None, models=args.models)
     run_sim_server(args.host, args.port, profile)
     return 0
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="port to listen on (default 8787)")
         p.add_argument("--upstream", help="Messages API base URL (default https://api.anthropic.com)")
         p.add_argument("--log-level", dest="log_level", help="debug | info | warning | error")
+        p.add_argument("--upstream-profile", dest="upstream_profile", help="auto, anthropic, vllm, sglang, llamacpp")
         p.add_argument("--config", help="TOML config file (default: $SPECPROXY_CONFIG or ./config/specproxy.toml)")
 
     p = sub.add_parser("serve", help="run the proxy")
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", dest="time_scale", type=float, default=None,
                    help="multiply every simulated delay and TTL (0 = no delay; default 1.0)")
     p.add_argument("--config", help="TOML file overriding the simulator profile")
+    p.add_argument("--dialect", choices=("anthropic", "vllm", "sglang", "llamacpp"), default=None,
+                   help="answer as the Anthropic API (default) or as this engine's /v1/messages")
+    p.add_argument("--cache-report", dest="cache_report", action="store_true",
+                   help="engine dialects: report cache reads in usage, as vLLM --enable-prompt-tokens-details "
+                        "or SGLang --enable-cache-report do")
+    p.add_argument("--models", default=None, help="TOML or JSON file extending the model capability table")
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("demo", help="standard vs speculative prompt caching, side by side")
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specproxy: configuration error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # the simulator's ProfileError, and other bad values from files
-        if type(exc).__name__ != "ProfileError":
+        if type(exc).__name__ not in ("ProfileError", "CapabilityError"):
             raise
         print(f"specproxy sim: profile error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ class Settings:
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0 inside a container)")
     port: int = _f(8787, "port to listen on", min=0, max=65535)
     upstream: str = _f("https://api.anthropic.com", "the Messages API base URL requests are forwarded to")
+    upstream_profile: Literal["anthropic", "auto", "vllm", "sglang", "llamacpp"] = _f("anthropic", "what serves the upstream (how warms are sent, usage read, prefixes matched); auto asks it at start-up")  # noqa: E501  (engines: specproxy/upstream_profile.py)
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
     log_format: Literal["text", "json"] = _f("text", "log line format: text for a terminal, json for machines")
     # --- holding and warming ---
@@ -61,8 +62,15 @@ class Settings:
     # --- limits ---
     max_body_bytes: int = _f(32 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", min=1)
     registry_max_entries: int = _f(100_000, "warm registry entries kept; the oldest is evicted first", min=1)
+    # per credential: no tenant can evict another's warms by filling the registry (at least one warm's 4 breakpoints)
+    max_entries_per_tenant: int = _f(
+        25_000, "warm registry entries one credential may hold; above it, its own oldest is evicted first", min=4
+    )
     max_held_total: int = _f(10_000, "requests held at once in total; more go upstream unheld", min=0)
     max_held_per_tenant: int = _f(2_000, "requests held at once per credential; more go upstream unheld", min=0)
+    max_held_bytes: int = _f(
+        256 * 1024 * 1024, "request body bytes held at once in total; a request over it goes upstream unheld", min=0
+    )
     max_warms_in_flight_per_tenant: int = _f(
         32, "warms in flight at once per credential; /prewarm answers 429 above", min=1
     )
@@ -121,6 +129,14 @@ class Settings:
         64 * 1024 * 1024, "bytes of request bodies kept for keep-warm and next-turn re-sends (oldest dropped)", min=0
     )
     inject_breakpoints: bool = _f(False, "add cache_control to requests without one that match a warm")
+    # --- OpenTelemetry traces (specproxy.tracing; needs the otel extra). The OpenTelemetry SDK's own
+    # OTEL_* variables apply too: OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES...
+    otel_enabled: bool = _f(False, "export OpenTelemetry traces over OTLP/HTTP (pip install 'specproxy[otel]')")
+    otel_endpoint: str = _f(
+        "", "OTLP/HTTP endpoint, e.g. http://collector:4318 (empty: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
+        "else http://localhost:4318)", secret_url=True,
+    )
+    otel_service_name: str = _f("", "service.name of the traces (empty: OTEL_SERVICE_NAME, else specproxy)")
 
     def public_dict(self) -> dict[str, Any]:
         """The settings as a dict with secrets redacted: safe to print, log or serve."""
@@ -299,6 +315,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"invalid value for setting 'upstream': {s.upstream!r}; accepted: an http(s) URL")
     if s.registry == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("invalid value for setting 'redis_url'; accepted: a redis://, rediss:// or unix:// URL")
+    if s.otel_endpoint and not s.otel_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"invalid value for setting 'otel_endpoint': {s.otel_endpoint!r}; accepted: an http(s) URL")
     if s.upstream_api_key and not s.client_tokens and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(
             "setting 'upstream_api_key' (injection mode) on a non-loopback host needs 'client_tokens': "

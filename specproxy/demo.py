@@ -33,7 +33,7 @@ from typing import Any, Final, TextIO, TypeVar
 import aiohttp
 
 from specproxy.config import Settings
-from specproxy.hold import HEADER, HEADER_PREFIX, HEADER_WAIT
+from specproxy.outcome import HEADER, HEADER_PREFIX, HEADER_WAIT
 
 T = TypeVar("T")
 

@@ -1,8 +1,10 @@
 """Prometheus metrics (all ``specproxy_*``) and the running totals the status page shows.
 
 Each application gets its own ``CollectorRegistry`` (several proxies can live in one test process).
-Tenant identity becomes a label only when ``metrics_tenant_label`` is on, and then only as the
-first 16 hex characters of the credential digest, never the credential.
+No ``_created`` series: they double the series count and carry nothing a dashboard or alert uses
+(``prometheus_client.disable_created_metrics()``, process-wide, on import). Tenant identity
+becomes a label only when ``metrics_tenant_label`` is on, and then only as the first 16 hex
+characters of the credential digest, never the credential.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ import logging
 from collections import Counter as Tally
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from specproxy.usage import Usage
+
+if TYPE_CHECKING:
+    from specproxy.registry import Warm
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 log = logging.getLogger("specproxy.metrics")
 
@@ -53,10 +60,11 @@ def price_of(model: str | None, pricing: Mapping[str, tuple[float, float]] = DEF
 
 
 def cost(
-    usage: Usage, model: str | None, pricing: Mapping[str, tuple[float, float]] = DEFAULT_PRICING
+    usage: Usage, model: str | None, pricing: Mapping[str, tuple[float, float]] = DEFAULT_PRICING,
+    price: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """(dollars spent, dollars the same call would have cost with no caching at all)."""
-    p_in, p_out = price_of(model, pricing)
+    p_in, p_out = price if price is not None else price_of(model, pricing)
     spent = (
         usage.input * p_in
         + usage.cache_write_5m * p_in * WRITE_5M
@@ -89,6 +97,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tenant_label = tenant_label
         self.pricing = dict(pricing or DEFAULT_PRICING)
+        self._prices: dict[str, tuple[float, float]] = {}  # memo: model id -> price_of(model)
         self.totals = Totals()
         t = ("tenant",) if tenant_label else ()
         r = self.registry
@@ -106,6 +115,9 @@ class Metrics:
         self.tokens = Counter("specproxy_tokens", "Tokens by kind and model, from response usage",
                               ("kind", "model", *t), registry=r)
         self.wasted = Counter("specproxy_warms_wasted", "Warms that expired without a single use", registry=r)
+        self.wasted_dollars = Counter("specproxy_warms_wasted_dollars",
+                                      "Estimated dollars spent on warms that expired without a single use",
+                                      registry=r)
         self.mismatch = Counter("specproxy_warm_mismatch",
                                 "Requests the proxy called hit/held whose usage shows no cache read", registry=r)
         self.dollars_spent = Counter("specproxy_dollars_spent", "Estimated dollars spent (pricing table)", registry=r)
@@ -137,9 +149,12 @@ class Metrics:
         self.warms.labels(result, mode, *self._t(tenant)).inc()
         self.totals.warms[result] += 1
 
-    def warm_wasted(self) -> None:
+    def warm_wasted(self, warm: Warm | None = None) -> None:
+        """A warm expired unread; with ``warm``, what it cost is added to the wasted dollars."""
         self.wasted.inc()
         self.totals.wasted += 1
+        if warm is not None and isinstance(warm.usage, dict):
+            self.wasted_dollars.inc(cost(Usage.from_api(warm.usage), warm.model, self.pricing)[0])
 
     def usage(self, usage: Usage, model: str | None, tenant: str | None = None) -> None:
         """Count a response's tokens and its estimated dollars."""
@@ -148,7 +163,12 @@ class Metrics:
             if n:
                 self.tokens.labels(kind, m, *self._t(tenant)).inc(n)
                 self.totals.tokens[kind] += n
-        spent, uncached = cost(usage, model, self.pricing)
+        price = self._prices.get(m)
+        if price is None:
+            if len(self._prices) >= 256:  # model ids come from upstream answers: keep the memo bounded
+                self._prices.clear()
+            price = self._prices[m] = price_of(model, self.pricing)
+        spent, uncached = cost(usage, model, price=price)
         self.dollars_spent.inc(spent)
         saved = uncached - spent
         if saved > 0:

@@ -1,81 +1,89 @@
-"""Speculation without being asked: what the proxy warms on its own, seeing every request and response.
+"""Speculation: what the proxy warms on its own, as hooks on the request path (never calls back into it).
 
-- **Coalescing** (hold.py registers a cold request as the *leader* of its prefix; followers hold on
-  it). A non-streaming leader's response begins only when its whole generation is done, so holding
-  behind it would cost followers a full generation: the first follower instead makes the proxy send
-  its own ``max_tokens: 0`` warm of the shared prefix (:meth:`Speculator.json_follower`), and every
-  follower holds on that. Cost: two cache writes instead of N.
-- **Breakpoint injection**: a request with no breakpoint whose prefix matches a warm gets one.
-- **Next-turn warm**: after a response, warm the conversation extended with the reply.
-- **Keep-warm**: a prefix in use is re-warmed at TTL minus a margin (a read, ×0.1, instead of a
-  rewrite, ×1.25) until it goes unused for ``keep_warm_idle``.
+- **Before matching** — breakpoint injection (:meth:`Speculator.inject`): a request with no
+  breakpoint whose prefix matches a warm of its tenant gets ``cache_control`` on the matched block.
+- **After the response** (:meth:`Speculator.after`):
+  - *next turn*: warm the conversation extended with the reply (the chain already computed is
+    extended with the reply's blocks, nothing is hashed again), closed by a placeholder user turn
+    so models without assistant prefill accept it;
+  - *keep-warm*: a leader's prefix, once written, is kept for re-sends.
+- **Keep-warm**, fed by uses (the coalescer's) and settled warms (the warmer's): a prefix in use is
+  re-sent before its entry expires, a read (×0.1) instead of a rewrite (×1.25), until it has gone
+  unused for ``keep_warm_idle``. Each refresh is due at the entry's own expiry minus
+  ``keep_warm_margin``: the upstream TTL counts from the start of the request that last wrote or
+  read it, and a warm with a 5m and a 1h breakpoint is refreshed on the 5m schedule.
 
-Bodies are kept only for what keep-warm will re-send, within ``speculation_body_bytes``.
+Bodies are kept only for what keep-warm will re-send, within ``speculation_body_bytes``, in this
+module's own store: registry entries never carry bodies or credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
 from multidict import CIMultiDict
 
 from specproxy.bodies import cut, warm_request, with_breakpoint_at
 from specproxy.bodies import next_turn as next_turn_body
 from specproxy.config import Settings
-from specproxy.credentials import Credentials
 from specproxy.errors import RateLimited
-from specproxy.forward import Relayed, upstream_request_headers
-from specproxy.hold import Verdict
+from specproxy.forward import Relayed
+from specproxy.identity import Identity
 from specproxy.metrics import Metrics
-from specproxy.prefix import (
-    LOOKBACK,
-    TTL_SECONDS,
-    Breakpoint,
-    Prefix,
-    PrefixError,
-)
-from specproxy.registry import Kind, Match, Registry, State, Warm
-from specproxy.usage import Usage
-from specproxy.warmer import Warmer
+from specproxy.outcome import NEXT_TURN_HEADER, Verdict
+from specproxy.prefix import LOOKBACK, TTL_SECONDS, Breakpoint, Prefix, PrefixError
+from specproxy.registry import Kind, Registry, State, Warm
+from specproxy.warmer import Warmer, WarmResult
 
 log = logging.getLogger("specproxy.speculate")
 
-NEXT_TURN_HEADER = "x-cache-warm-next"
-INJECTED_HEADER = "X-Cache-Warm-Injected"
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What a keep-warm re-send of one warm needs: the warm request, its headers, its refresh period."""
+
+    request: dict[str, Any]
+    headers: CIMultiDict[str]
+    period: float  # the shortest TTL among its breakpoints: every entry must be read before it lapses
+    size: int
 
 
 class BodyStore:
-    """Bodies kept for re-sends, bounded in bytes; the oldest is dropped first."""
+    """Re-send material per warm, bounded in bytes; the oldest is dropped first."""
 
     def __init__(self, budget: int) -> None:
         self._budget = budget
-        self._items: OrderedDict[Warm, int] = OrderedDict()
+        self._items: OrderedDict[Warm, Kept] = OrderedDict()
         self.bytes = 0
 
-    def keep(self, warm: Warm, body: dict[str, Any], headers: CIMultiDict[str], size: int) -> bool:
-        if size > self._budget:
+    def keep(self, warm: Warm, kept: Kept) -> bool:
+        if kept.size > self._budget:
             return False
         self.drop(warm)
-        while self._items and self.bytes + size > self._budget:
-            old, old_size = self._items.popitem(last=False)
-            old.body = old.headers = None
-            self.bytes -= old_size
-        warm.body, warm.headers = body, headers
-        self._items[warm] = size
-        self.bytes += size
+        while self._items and self.bytes + kept.size > self._budget:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.size
+        self._items[warm] = kept
+        self.bytes += kept.size
         return True
 
+    def get(self, warm: Warm) -> Kept | None:
+        return self._items.get(warm)
+
     def drop(self, warm: Warm) -> None:
-        size = self._items.pop(warm, None)
-        if size is not None:
-            self.bytes -= size
-        warm.body = warm.headers = None
+        old = self._items.pop(warm, None)
+        if old is not None:
+            self.bytes -= old.size
+
+    def __contains__(self, warm: Warm) -> bool:
+        return warm in self._items
 
 
 def _all_positions(prefix: Prefix) -> Prefix:
@@ -84,88 +92,86 @@ def _all_positions(prefix: Prefix) -> Prefix:
     return Prefix(prefix.chain, tuple(reversed(bps)), prefix.item_count, prefix.locations, prefix.cacheable)
 
 
-class Speculator:
-    """The proxy's own warms: coalescing help, injection, next turn and keep-warm."""
+def exact_json(raw: bytes) -> Any:
+    """Parse with the standard library: integers of any size stay integers when re-serialised."""
+    return json.loads(raw)
 
-    def __init__(self, settings: Settings, registry: Registry, warmer: Warmer, metrics: Metrics,
-                 credentials: Credentials) -> None:
+
+class Speculator:
+    """The proxy's own warms: injection before matching; next turn and keep-warm after the response."""
+
+    def __init__(self, settings: Settings, registry: Registry, warmer: Warmer, metrics: Metrics) -> None:
         self._s = settings
         self._registry = registry
         self._warmer = warmer
         self._metrics = metrics
-        self._credentials = credentials
-        self._volatile = settings.volatile_system_prefixes
         self.bodies = BodyStore(settings.speculation_body_bytes)
         self._timers: dict[Warm, asyncio.TimerHandle] = {}
-        self._active: set[Warm] = set()  # kept warm now: scheduled, or being re-sent
+        self._refreshed_at: dict[Warm, float] = {}  # when the last keep-warm re-send started
         self._kept: dict[str, int] = {}  # tenant -> prefixes kept warm
         self._tasks: set[asyncio.Task[None]] = set()
+        warmer.subscribe(self.warm_settled)
 
-    def _upstream_headers(self, headers: Any) -> CIMultiDict[str]:
-        return self._credentials.to_upstream(upstream_request_headers(headers))
+    # --- before matching: breakpoint injection ---------------------------------------------------------
+    async def inject(self, ident: Identity) -> Identity:
+        """``ident`` with a breakpoint added where a warm of its tenant matches it; else ``ident``.
 
-    # --- coalescing ---------------------------------------------------------------------------------
-    async def json_follower(self, verdict: Verdict, match: Match, headers: Any) -> Warm | None:
-        """A follower of a non-streaming leader: warm the shared prefix ourselves; hold on that."""
-        assert verdict.body is not None and verdict.parsed is not None and verdict.tenant is not None
-        if verdict.parsed.images:
-            return None  # a cut body would drop images: not the same prefix upstream; follow the leader
-        made = cut(verdict.body, verdict.parsed, match.position)
-        if made is None:
-            return None
-        body, parsed = made
-        try:
-            warm, _ = await self._warmer.warm(verdict.tenant, parsed, body, self._upstream_headers(headers),
-                                              kind=Kind.COALESCE, replace=True)
-        except RateLimited:
-            return None
-        return warm
-
-    # --- breakpoint injection -----------------------------------------------------------------------
-    async def inject(self, verdict: Verdict) -> bool:
-        """Give a breakpoint-less request one where a warm matches it. Only the body changes."""
-        parsed, body = verdict.parsed, verdict.body
-        if parsed is None or body is None or verdict.tenant is None or parsed.item_count == 0:
-            return False
-        if body.get("cache_control") is not None:
-            return False
-        match = await self._registry.match(_all_positions(parsed))
+        Only the body changes: it is re-parsed with the standard library, marked, and re-serialised,
+        so every value (integers beyond 64 bits included) goes upstream as the client wrote it.
+        """
+        prefix, body = ident.prefix, ident.body
+        if prefix.breakpoints or prefix.item_count == 0 or body.get("cache_control") is not None:
+            return ident
+        match = await self._registry.match(_all_positions(prefix))
         if match is None or match.warm.state not in (State.WARM, State.WARMING):
-            return False
-        if match.position not in parsed.cacheable:
-            return False
+            return ident
+        if match.position not in prefix.cacheable:
+            return ident
         ttl = "1h" if match.entry.ttl >= TTL_SECONDS["1h"] * self._s.cache_ttl_scale else "5m"
-        new_body = with_breakpoint_at(body, parsed, match.position, ttl)
-        verdict.parsed = parsed.with_breakpoint(match.position, ttl)
-        verdict.body = new_body
-        verdict.raw = orjson.dumps(new_body)
-        verdict.injected = True
+        try:
+            exact = exact_json(ident.raw)
+        except ValueError:
+            return ident
+        marked = with_breakpoint_at(exact, prefix, match.position, ttl)
+        raw = json.dumps(marked, ensure_ascii=False, separators=(",", ":")).encode()
         self._metrics.injected.inc()
-        return True
+        return replace(ident, prefix=prefix.with_breakpoint(match.position, ttl),
+                       body=with_breakpoint_at(body, prefix, match.position, ttl), raw=raw, injected=True)
 
-    # --- next turn ------------------------------------------------------------------------------------
+    # --- after the response ---------------------------------------------------------------------------
     def wants_next_turn(self, headers: Mapping[str, str]) -> bool:
         flag = headers.get(NEXT_TURN_HEADER)
         if flag is not None:
             return flag.strip().lower() in ("1", "true", "yes", "on")
         return self._s.next_turn
 
-    async def next_turn(self, verdict: Verdict, relayed: Relayed, headers: Any) -> Warm | None:
+    async def after(
+        self, ident: Identity, verdict: Verdict, lead: Warm | None, relayed: Relayed,
+        headers: CIMultiDict[str], *, next_turn: bool,
+    ) -> None:
+        """The hooks after a relayed response: keep a leader's prefix for keep-warm; warm the next turn."""
+        if lead is not None and lead.state is State.WARM and self._s.keep_warm:
+            made = cut(ident.body, ident.prefix, ident.prefix.breakpoints[-1].position)
+            body, prefix = made if made is not None else (ident.body, ident.prefix)
+            self.keep(lead, body, prefix, headers, len(ident.raw))
+            self.used(lead, lead.ttl)
+        if next_turn:
+            await self.next_turn(ident, verdict, relayed, headers)
+
+    async def next_turn(self, ident: Identity, verdict: Verdict, relayed: Relayed,
+                        headers: CIMultiDict[str]) -> Warm | None:
         """Warm this conversation extended with the reply, breakpoint on the reply's last block."""
-        body, tenant, content = verdict.body, verdict.tenant, relayed.content
-        if relayed.status != 200 or body is None or tenant is None or not content or verdict.parsed is None:
-            return None
-        if not verdict.parsed.breakpoints:
+        content = relayed.content
+        if relayed.status != 200 or not content or not ident.prefix.breakpoints:
             return None
         try:
-            made = next_turn_body(body, verdict.parsed, content)
+            made = next_turn_body(ident.body, ident.prefix, content)
             if made is None:
                 return None
-            extended, parsed = made
-            warm, started = await self._warmer.warm(tenant, parsed, extended, self._upstream_headers(headers),
-                                                    kind=Kind.NEXT_TURN)
+            extended, prefix = made
+            warm, started = await self._warmer.warm(ident.tenant, prefix, extended, headers, kind=Kind.NEXT_TURN)
         except PrefixError:
-            return None  # e.g. TTL order: a 1h breakpoint kept before... never alter the order
+            return None
         except RateLimited:
             self._metrics.next_turn.labels("rate_limited").inc()
             return None
@@ -175,69 +181,86 @@ class Speculator:
         return warm
 
     # --- keep-warm ------------------------------------------------------------------------------------
-    @property
-    def keeps_bodies(self) -> bool:
-        """Whether anything will re-send a warm (keep-warm on): only then are bodies kept at all."""
-        return self._s.keep_warm
+    def keep(self, warm: Warm, body: dict[str, Any], prefix: Prefix, headers: CIMultiDict[str], size: int) -> None:
+        """Keep what a keep-warm re-send of ``warm`` needs (only when keep-warm is on)."""
+        if not self._s.keep_warm or not prefix.breakpoints:
+            return
+        period = min(TTL_SECONDS[bp.ttl] for bp in prefix.breakpoints) * self._s.cache_ttl_scale
+        self.bodies.keep(warm, Kept(warm_request(body, prefix), headers, period, size))
 
-    def keep_body(self, warm: Warm, body: dict[str, Any], prefix: Prefix, headers: Any, size: int) -> None:
-        """Keep what a keep-warm re-send needs (only when keep-warm is on)."""
-        if self.keeps_bodies:
-            self.bodies.keep(warm, warm_request(body, prefix), self._upstream_headers(headers), size)
+    def warm_settled(self, warm: Warm, result: WarmResult) -> None:
+        """A warm the warmer sent settled: a fresh warm entry is in use (keep-warm may keep it)."""
+        if result.state is State.WARM:
+            self.used(warm, warm.ttl)
+        else:
+            self.bodies.drop(warm)
 
     def used(self, warm: Warm, ttl: float) -> None:
         """``warm``'s prefix was written or read: count a next-turn use; schedule its keep-warm refresh."""
         if warm.kind is Kind.NEXT_TURN and warm.uses == 1:
             self._metrics.next_turn.labels("used").inc()
-        if not self._s.keep_warm or warm.state is not State.WARM or warm.body is None or warm in self._active:
+        if not self._s.keep_warm or warm.state is not State.WARM or warm in self._timers:
             return
-        if self._kept.get(warm.tenant, 0) >= self._s.keep_warm_max_per_tenant:
+        kept = self.bodies.get(warm)
+        if kept is None:
             return
-        self._kept[warm.tenant] = self._kept.get(warm.tenant, 0) + 1
-        self._active.add(warm)
-        self._schedule(warm, ttl)
+        if warm not in self._refreshed_at:  # not kept warm yet: take a slot
+            if self._kept.get(warm.tenant, 0) >= self._s.keep_warm_max_per_tenant:
+                return
+            self._kept[warm.tenant] = self._kept.get(warm.tenant, 0) + 1
+            self._refreshed_at[warm] = 0.0
+        self._schedule(warm, kept)
 
-    def _schedule(self, warm: Warm, ttl: float) -> None:
-        delay = max(0.0, ttl - self._s.keep_warm_margin)
-        loop = asyncio.get_running_loop()
-        self._timers[warm] = loop.call_later(delay, self._fire, warm, ttl)
+    def _expiry(self, warm: Warm, kept: Kept) -> float:
+        """When the entry written or last read by the upstream lapses (TTLs count from a request's start)."""
+        last = max(warm.started_at, warm.last_used or 0.0, self._refreshed_at.get(warm, 0.0))
+        return last + kept.period
 
-    def _fire(self, warm: Warm, ttl: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._refresh(warm, ttl))
+    def _schedule(self, warm: Warm, kept: Kept) -> None:
+        delay = max(0.0, self._expiry(warm, kept) - self._s.keep_warm_margin - time.monotonic())
+        self._timers[warm] = asyncio.get_running_loop().call_later(delay, self._fire, warm)
+
+    def _fire(self, warm: Warm) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh(warm))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _refresh(self, warm: Warm, ttl: float) -> None:
+    async def _refresh(self, warm: Warm) -> None:
         self._timers.pop(warm, None)
-        idle = time.monotonic() - (warm.last_used or warm.started_at)
-        if idle > self._s.keep_warm_idle or warm.body is None or warm.headers is None:
-            self._stop(warm)  # unused: let it expire
+        kept = self.bodies.get(warm)
+        now = time.monotonic()
+        if kept is None or now - (warm.last_used or warm.started_at) > self._s.keep_warm_idle:
+            self._stop(warm)  # unused (or its body was dropped): let it expire
             return
-        result = await self._warmer.resend(warm.body, warm.headers)
-        usage = result.usage or {}
+        if self._expiry(warm, kept) - self._s.keep_warm_margin > now:
+            self._schedule(warm, kept)  # read since this was scheduled: the entry lives longer
+            return
+        self._refreshed_at[warm] = now
+        result = await self._warmer.resend(kept.request, kept.headers)
+        tokens = result.tokens
         if result.state is State.FAILED:
             outcome = "failed"
-        elif usage.get("cache_creation_input_tokens"):
+        elif tokens is not None and tokens.cache_written:
             outcome = "write"  # the entry had already gone: this re-send paid a rewrite
             log.info("keep-warm of %s found the cache gone and rewrote it", warm.prefix)
         else:
             outcome = "read"
         self._metrics.keep_warm.labels(outcome).inc()
-        if result.usage:
-            self._metrics.usage(Usage.from_api(result.usage), warm.model, warm.tenant)
+        if tokens is not None:
+            self._metrics.usage(tokens, warm.model, warm.tenant)
         if outcome == "failed":
             self._stop(warm)
             return
         await self._registry.refreshed(warm)
-        self._schedule(warm, ttl)
+        self._schedule(warm, kept)
 
     def _stop(self, warm: Warm) -> None:
-        self._active.discard(warm)
-        left = self._kept.get(warm.tenant, 1) - 1
-        if left > 0:
-            self._kept[warm.tenant] = left
-        else:
-            self._kept.pop(warm.tenant, None)
+        if self._refreshed_at.pop(warm, None) is not None:
+            left = self._kept.get(warm.tenant, 1) - 1
+            if left > 0:
+                self._kept[warm.tenant] = left
+            else:
+                self._kept.pop(warm.tenant, None)
         self.bodies.drop(warm)
 
     async def close(self) -> None:

@@ -115,6 +115,7 @@ th{background:#f0f0f0}.warm{color:#0a7d32}.warming{color:#b26b00}.failed{color:#
 code{font-family:ui-monospace,monospace}
 </style></head><body>
 <h1>specproxy</h1><small id="updated">loading…</small>
+<p id="upstream"></p>
 <div class="cards" id="cards"></div>
 <h2>Outcomes</h2><div class="cards" id="outcomes"></div>
 <h2>Warm registry</h2><small id="hidden"></small>
@@ -152,6 +153,10 @@ async function refresh(){
         else{td.textContent=v; if(c) td.className=c;}
         tr.append(td);}
       return tr;}));
+    const up = s.upstream, ue = document.getElementById("upstream");
+    const shared = " · one engine cache for every credential: a tenant's request reads what another warmed";
+    ue.textContent = up ? "upstream: " + up.title + " (" + up.profile
+      + (up.slots ? ", " + up.slots + " slots" : "") + ")" + (up.shared_cache ? shared : "") : "";
     const u = document.getElementById("updated");
     u.textContent = "updated " + new Date().toLocaleTimeString() + " · refresh #" + refreshes;
     u.dataset.refreshes = String(refreshes);

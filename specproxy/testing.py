@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -84,14 +85,18 @@ async def run_sim(
     profile: SimProfile | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    dialect: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[SimHandle]:
     """Run the simulator on 127.0.0.1, port 0, for the duration of the block.
 
     Without a ``profile`` the default one runs at ``time_scale=0`` (no delays); ``overrides``
     replace profile fields (``reply_tokens=5``, ``time_scale=0.01``, ...). ``clock`` drives TTLs.
+    ``dialect`` ("anthropic", "vllm", "sglang", "llamacpp") picks what the simulator answers as.
     """
     base = profile if profile is not None else SimProfile(time_scale=0.0)
+    if dialect is not None:
+        overrides["dialect"] = dialect
     app = create_sim_app(dataclasses.replace(base, **overrides), clock=clock)
     async with running(app) as r, aiohttp.ClientSession() as session:
         yield SimHandle(url=r.url, app=app, state=app[SIM_STATE], session=session)
@@ -107,9 +112,35 @@ class ProxyHandle:
     @property
     def held(self) -> int:
         """Requests held right now."""
-        from specproxy.keys import HOLDER
+        from specproxy.keys import COALESCER
 
-        return self.app[HOLDER].held
+        return self.app[COALESCER].held
+
+    async def until_held(self, n: int, timeout: float = 30.0) -> None:
+        """Return once exactly ``n`` requests are held; TimeoutError after ``timeout`` seconds."""
+        from specproxy.keys import COALESCER
+
+        async with asyncio.timeout(timeout):
+            await self.app[COALESCER].limits.until_held(n)
+
+    async def settled(self, prefix: str | None = None) -> tuple[Any, Any]:
+        """Wait for the next warm the proxy sends to settle (one whose id is ``prefix``, if given):
+        its ``(warm, result)``. Start awaiting before the warm can settle (e.g. as a task)."""
+        from specproxy.keys import WARMER
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[Any, Any]] = loop.create_future()
+
+        def seen(warm: Any, result: Any) -> None:
+            if not done.done() and (prefix is None or warm.prefix == prefix):
+                done.set_result((warm, result))
+
+        warmer = self.app[WARMER]
+        warmer.subscribe(seen)
+        try:
+            return await done
+        finally:
+            warmer.unsubscribe(seen)
 
 
 @contextlib.asynccontextmanager

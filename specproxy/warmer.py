@@ -27,6 +27,8 @@ from specproxy.errors import RateLimited
 from specproxy.prefix import Prefix
 from specproxy.registry import Kind, Registry, State, Warm
 from specproxy.sse import SSEReader
+from specproxy.upstream_profile import ANTHROPIC, UpstreamProfile
+from specproxy.upstream_profile import refuses_max_tokens_0 as _refuses_max_tokens_0
 from specproxy.usage import Usage
 
 log = logging.getLogger("specproxy.warmer")
@@ -46,12 +48,13 @@ class WarmResult:
     refused_max_tokens_0: bool = False
 
     @classmethod
-    def of(cls, mode: str, usage: Any) -> WarmResult:
-        """A successful warm's result from the usage it reported."""
+    def of(cls, mode: str, usage: Any, profile: UpstreamProfile = ANTHROPIC) -> WarmResult:
+        """A successful warm's result from the usage it reported (read as ``profile`` says: an
+        engine has no creation counter, so its completed warm is ``warm``)."""
         if not isinstance(usage, dict):
-            return cls(State.UNCACHEABLE, mode)
-        tokens = Usage.from_api(usage)
-        state = State.WARM if (tokens.cache_read or tokens.cache_written) else State.UNCACHEABLE
+            return cls(State.WARM if profile.engine else State.UNCACHEABLE, mode)
+        tokens = profile.usage(usage)
+        state = State.WARM if profile.warm_wrote_cache(usage) else State.UNCACHEABLE
         return cls(state, mode, usage=usage, tokens=tokens)
 
 
@@ -67,9 +70,9 @@ def needs_fallback(body: Mapping[str, Any]) -> bool:
     return isinstance(output_config, dict) and "format" in output_config
 
 
-def warm_body(request: Mapping[str, Any], mode: str) -> bytes:
+def warm_body(request: Mapping[str, Any], mode: str, *, stream: bool = True) -> bytes:
     """The upstream body of a warm: ``request`` (see :func:`specproxy.bodies.warm_request`) generating
-    nothing (mode "0") or one streamed token (mode "1")."""
+    nothing (mode "0") or one token (mode "1"), streamed unless ``stream`` is off (engines)."""
     out = dict(request)
     if mode == "0":
         out["max_tokens"] = 0
@@ -79,17 +82,16 @@ def warm_body(request: Mapping[str, Any], mode: str) -> bytes:
         # Thinking needs max_tokens > budget_tokens; we close the stream at message_start anyway.
         enabled = isinstance(thinking, dict) and thinking.get("type") == "enabled"
         out["max_tokens"] = budget + 1 if enabled and isinstance(budget, int) else 1
-        out["stream"] = True
+        if stream:
+            out["stream"] = True
     return orjson.dumps(out)
 
 
 def refuses_max_tokens_0(status: int, error: Mapping[str, Any] | None) -> bool:
     """True when an upstream answer is the refusal of ``max_tokens: 0`` itself (an upstream that
-    predates it, or a feature that excludes it), not any other invalid request."""
-    if status != 400 or not error:
-        return False
-    message = error.get("message")
-    return error.get("type") == "invalid_request_error" and isinstance(message, str) and "max_tokens" in message
+    predates it, a feature that excludes it, or an engine's validation error), not any other
+    invalid request (see :func:`specproxy.upstream_profile.refuses_max_tokens_0`)."""
+    return _refuses_max_tokens_0(status, error)
 
 
 class TenantWarmLimits:
@@ -168,10 +170,14 @@ class Warmer:
         self.limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
         self.results: deque[WarmResult] = deque(maxlen=1000)
+        self.profile: UpstreamProfile = ANTHROPIC  # set at start-up (upstream_profile)
 
     def subscribe(self, callback: Settled) -> None:
         """Call ``callback(warm, result)`` each time a warm this warmer sent settles."""
         self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: Settled) -> None:
+        self._subscribers.remove(callback)
 
     @property
     def in_flight(self) -> int:
@@ -235,32 +241,37 @@ class Warmer:
             self.results.append(result)
             self.limits.release(warm.tenant)
             await self._registry.settle(warm, result.state, error=result.error)
-            for callback in self._subscribers:
+            for callback in list(self._subscribers):
                 callback(warm, result)
             log.debug("warm %s settled %s (max_tokens %s)", warm.prefix, result.state, result.mode)
 
     async def _send_with_fallback(self, request: Mapping[str, Any], headers: CIMultiDict[str]) -> WarmResult:
+        if self.profile.warm_max_tokens == 1:  # an engine that refuses max_tokens 0: one token, whole
+            return await self._send(request, headers, "1", stream=self.profile.warm_stream)
         if needs_fallback(request):
             return await self._send(request, headers, "1")
         result = await self._send(request, headers, "0")
-        if result.refused_max_tokens_0:
+        if result.refused_max_tokens_0 and self.profile.fallback_to_one:
             # The upstream refuses max_tokens: 0 (it predates it): the older one-token form works.
             result = await self._send(request, headers, "1")
         return result
 
-    async def _send(self, request: Mapping[str, Any], headers: CIMultiDict[str], mode: str) -> WarmResult:
+    async def _send(
+        self, request: Mapping[str, Any], headers: CIMultiDict[str], mode: str, *, stream: bool = True
+    ) -> WarmResult:
+        profile = self.profile
         try:
             async with self._session.post(
-                self._url, data=warm_body(request, mode), headers=headers, timeout=self._timeout,
+                self._url, data=warm_body(request, mode, stream=stream), headers=headers, timeout=self._timeout,
                 auto_decompress=True, allow_redirects=False,
             ) as resp:
                 if resp.status >= 400:
                     error = await _error_of(resp)
                     return WarmResult(State.FAILED, mode, error=str(error.get("type") or f"http_{resp.status}"),
                                       refused_max_tokens_0=refuses_max_tokens_0(resp.status, error))
-                if mode == "0":
+                if mode == "0" or not stream:
                     data = orjson.loads(await resp.read())
-                    return WarmResult.of(mode, data.get("usage") if isinstance(data, dict) else None)
+                    return WarmResult.of(mode, data.get("usage") if isinstance(data, dict) else None, profile)
                 reader = SSEReader()
                 async for chunk in resp.content.iter_any():
                     for event, payload in reader.feed(chunk):
@@ -268,7 +279,8 @@ class Warmer:
                             message = orjson.loads(payload)
                             message = message.get("message") if isinstance(message, dict) else None
                             resp.close()  # settle here; generating the token is not wanted
-                            return WarmResult.of(mode, message.get("usage") if isinstance(message, dict) else None)
+                            usage = message.get("usage") if isinstance(message, dict) else None
+                            return WarmResult.of(mode, usage, profile)
                         if event == "error":
                             return WarmResult(State.FAILED, mode, error="stream_error")
                 return WarmResult(State.FAILED, mode, error="stream ended before message_start")
@@ -296,4 +308,6 @@ async def _error_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
     except (orjson.JSONDecodeError, aiohttp.ClientError, TimeoutError, OSError):
         return {}
     error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(data, dict) and error is None and isinstance(data.get("message"), str):
+        return data  # a flat error object (SGLang's {"object": "error", "message": ...})
     return error if isinstance(error, dict) else {}

@@ -170,7 +170,7 @@ async def test_three_tenants_never_share_holds_or_warm_state(
 ) -> None:
     a = await post(http, proxy.url + "/prewarm", warm_body(), **{"x-api-key": KEY_A, "x-sim-gate": "a"})
     held = asyncio.create_task(post(http, proxy.url + "/v1/messages", question_body(), **{"x-api-key": KEY_A}))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     # B and C ask the identical question while A's warm is in flight: neither waits.
     for key in (KEY_B, KEY_C):
         code, hdrs, _ = await post(http, proxy.url + "/v1/messages", question_body(), **{"x-api-key": key})
@@ -193,7 +193,7 @@ async def test_over_the_hold_limit_a_request_goes_unheld_never_rejected(
     async with run_proxy(sim.url, max_held_per_tenant=2) as proxy:
         await post(http, proxy.url + "/prewarm", warm_body(), **{"x-sim-gate": "w"})
         held = [asyncio.create_task(post(http, proxy.url + "/v1/messages", question_body())) for _ in range(2)]
-        await eventually(lambda: proxy.held == 2)
+        await proxy.until_held(2)
         code, hdrs, _ = await post(http, proxy.url + "/v1/messages", question_body())
         assert code == 200 and hdrs["X-Cache-Warm"] == "unheld"
         await sim.open_gate("w")

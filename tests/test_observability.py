@@ -184,7 +184,7 @@ async def test_each_outcome_is_counted_once_by_path_and_status(
     # held: the question arrives while its warm is in flight
     await prewarm(http, proxy, warm_body(context("held")), wait=False, **{"x-sim-gate": "held"})
     held = asyncio.create_task(ask(http, proxy, question_body(context=context("held"))))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     await sim.open_gate("held")
     h, _ = await held
     assert h["X-Cache-Warm"] == "held"
@@ -378,7 +378,7 @@ async def test_a_hit_whose_response_read_no_cache_is_counted_as_a_mismatch_and_l
     assert (await status_json(http, proxy))["warm_mismatches"] == 1
     warnings = [r for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].name == "specproxy.app"
+    assert warnings[0].name == "specproxy.accounting"
     assert warm["prefix"] in warnings[0].getMessage() and "hit" in warnings[0].getMessage()
     [line] = [line for line in access_lines(records) if line["path"] == "/v1/messages"]
     assert line["mismatch"] is True and line["outcome"] == "hit"
@@ -402,7 +402,7 @@ async def test_the_held_gauge_counts_requests_waiting_for_a_warm(
 ) -> None:
     warm = await prewarm(http, proxy, wait=False, **{"x-sim-gate": "warm"})
     questions = [asyncio.create_task(ask(http, proxy, question_body(f"question {i}?"))) for i in range(2)]
-    await eventually(lambda: proxy.held == 2)
+    await proxy.until_held(2)
     assert (await scrape(http, proxy)).value("specproxy_held_requests") == 2
     data = await status_json(http, proxy, headers={"x-api-key": KEY_A})  # the tenant's own view
     assert data["held"] == 2 and data["warms_in_flight"] == 1
@@ -420,7 +420,7 @@ async def test_a_held_request_whose_client_left_is_counted_as_499_and_leaves_the
 ) -> None:
     await prewarm(http, proxy, wait=False, **{"x-sim-gate": "warm"})
     question = asyncio.create_task(ask(http, proxy))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     question.cancel()  # the client gives up while held: its connection closes
     with contextlib.suppress(asyncio.CancelledError):
         await question

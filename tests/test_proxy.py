@@ -17,7 +17,6 @@ from tests.conftest import (
     KEY_A,
     KEY_B,
     MODEL,
-    eventually,
     headers,
     question_body,
     warm_body,
@@ -72,7 +71,7 @@ async def test_forwarded_bytes_equal_the_bytes_the_client_sent(proxy: ProxyHandl
     raw = (
         b'{ "messages" : [ {"content": [{"type":"text","text":"caf\\u00e9 \xe2\x98\x95",'
         b' "cache_control": {"type": "ephemeral"}}], "role":"user"} ],\n "max_tokens": 5, "model": "'
-        + MODEL.encode() + b'", "unknown_field": {"z": 1, "a": 2} }'
+        + MODEL.encode() + b'", "metadata": {  "user_id" :"z\\u00e9-a"} }'
     )
     async with http.post(proxy.url + "/v1/messages?beta=true", data=raw, headers=headers()) as r:
         assert r.status == 200
@@ -133,7 +132,7 @@ async def test_question_sent_while_its_warm_is_in_flight_is_held_then_reads_the_
 ) -> None:
     warm = await prewarm(http, proxy, **{"x-sim-gate": "warm"})
     question = asyncio.create_task(ask(http, proxy))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     await sim.state.gates.wait_for_waiters("warm", 1)
     assert (await sim.stats())["requests"] == 1  # only the warm has reached the upstream
     await sim.open_gate("warm")
@@ -157,7 +156,7 @@ async def test_a_streaming_question_is_held_and_carries_the_headers(
         return outcome, lines
 
     task = asyncio.create_task(stream())
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     await sim.open_gate("warm")
     outcome, lines = await task
     assert outcome == "held"
@@ -170,7 +169,7 @@ async def test_fan_out_of_twenty_questions_after_a_prewarm_writes_once_reads_twe
 ) -> None:
     await prewarm(http, proxy, **{"x-sim-gate": "warm"})
     questions = [asyncio.create_task(ask(http, proxy, question_body(f"question {i}?"))) for i in range(20)]
-    await eventually(lambda: proxy.held == 20)
+    await proxy.until_held(20)
     await sim.open_gate("warm")
     answers = await asyncio.gather(*questions)
     assert [r.headers["X-Cache-Warm"] for r, _ in answers] == ["held"] * 20
@@ -222,7 +221,7 @@ async def test_warm_answered_529_releases_held_questions_with_failed(
 ) -> None:
     await prewarm(http, proxy, **{"x-sim-fault": "overloaded", "x-sim-gate": "w"})
     question = asyncio.create_task(ask(http, proxy))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     await sim.open_gate("w")
     r, body = await question
     assert r.status == 200
@@ -243,9 +242,9 @@ async def test_client_that_disconnects_while_held_never_reaches_the_upstream(
 ) -> None:
     await prewarm(http, proxy, **{"x-sim-gate": "w"})
     question = asyncio.create_task(ask(http, proxy))
-    await eventually(lambda: proxy.held == 1)
+    await proxy.until_held(1)
     question.cancel()  # the client gives up: its connection closes
-    await eventually(lambda: proxy.held == 0)
+    await proxy.until_held(0)
     await sim.open_gate("w")
     await prewarm(http, proxy, wait=True)
     log = await sim.requests()

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from specproxy.keys import METRICS, REGISTRY
+from specproxy.keys import METRICS, REGISTRY, SPECULATOR
 from specproxy.registry import Kind, State
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy, run_sim
 from tests.conftest import CONTEXT, KEY_A, KEY_B, MODEL, eventually, headers, question_body, warm_body
@@ -37,7 +37,7 @@ async def test_ten_parallel_cold_streaming_requests_write_the_cache_once(
     # The gate holds whichever request reaches the simulator first (the leader) until we open it.
     tasks = [asyncio.create_task(ask(http, proxy, question_body(f"q{i}?", stream=True), **{"x-sim-gate": "g"}))
              for i in range(10)]
-    await eventually(lambda: proxy.held == 9)
+    await proxy.until_held(9)
     await sim.state.gates.wait_for_waiters("g", 1)
     assert (await sim.stats())["requests"] == 1  # only the leader went, and it waits at the gate
     await sim.open_gate("g")
@@ -54,7 +54,7 @@ async def test_followers_of_a_non_streaming_leader_hold_on_the_proxys_own_warm(
 ) -> None:
     tasks = [asyncio.create_task(ask(http, proxy, question_body(f"q{i}?"), **{"x-sim-gate": "g"}))
              for i in range(10)]
-    await eventually(lambda: proxy.held == 9)
+    await proxy.until_held(9)
     await sim.state.gates.wait_for_waiters("g", 2)  # the proxy's warm is sent in the background
     log = [e for e in await sim.requests() if e["path"] == "/v1/messages"]
     assert sorted(e["max_tokens"] for e in log) == [0, 64]  # the leader and one max_tokens 0 warm
@@ -159,8 +159,8 @@ async def test_keep_warm_is_off_by_default_and_keeps_no_bodies(proxy: ProxyHandl
     async with http.post(proxy.url + "/prewarm?wait=1", data=orjson.dumps(warm_body()), headers=headers()) as r:
         assert r.status == 200
     await ask(http, proxy, question_body())
-    warms = [w for w in proxy.app[REGISTRY]._by_id.values()]
-    assert all(w.body is None for w, _ in warms)
+    bodies = proxy.app[SPECULATOR].bodies
+    assert bodies.bytes == 0
 
 
 # --- breakpoint injection ------------------------------------------------------------------------------
