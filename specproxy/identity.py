@@ -48,12 +48,16 @@ def identify(
     """Parse and hash ``raw``; None when the request cannot be identified (it is then ``bypass``).
 
     With ``need_marker`` a body without the bytes ``cache_control`` is not even parsed: it cannot
-    carry a breakpoint (breakpoint injection turns this off, since it adds one). ``credentials``
+    carry a breakpoint (breakpoint injection turns this off, since it adds one). A body with a
+    ``Content-Encoding`` is not identified either: it is relayed as it came. ``credentials``
     decides the tenant (:meth:`Credentials.tenant`: in injection mode every client is one tenant);
     without it the tenant is the digest of the presented credential.
     """
     if need_marker and not has_breakpoint_marker(raw):
         return None
+    encoding = headers.get("content-encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        return None  # a compressed body goes upstream as sent, unread (and no warm copies its headers)
     if credentials is not None:
         tenant = credentials.tenant(headers)
     else:

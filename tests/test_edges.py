@@ -95,6 +95,7 @@ async def test_a_compressed_body_reaches_the_simulator_compressed_and_labelled_a
                          headers=headers(**{"content-encoding": encoding})) as r:
         assert r.status == 200, await r.text()  # was 500: inflated by the proxy, still labelled
         assert (await r.json())["type"] == "message"
+        assert r.headers["X-Cache-Warm"] == "bypass"  # relayed as sent, not read
     [entry] = [e for e in await sim.requests() if e["path"] == "/v1/messages"]
     assert entry["sha256"] == hashlib.sha256(BODY).hexdigest()  # the simulator inflated the very bytes
 
