@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from specproxy import __version__, status
-from specproxy.keys import COALESCER, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.keys import COALESCER, CREDENTIALS, METRICS, REGISTRY, SETTINGS, STARTED, WARMER
+from specproxy.serving import SERVER_STATS
 from specproxy.upstream_profile import UPSTREAM
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -34,26 +35,34 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
-def _status_data(app: web.Application) -> dict[str, Any]:
+def _view(request: web.Request) -> tuple[status.View, str | None]:
+    settings = request.app[SETTINGS]
+    return status.decide_view(request, admin_token=settings.admin_token, host=settings.host,
+                              tenant_of=request.app[CREDENTIALS].tenant)
+
+
+def _status_data(app: web.Application, view: status.View = status.View.ADMIN, tenant: str | None = None
+                 ) -> dict[str, Any]:
+    rows = app[REGISTRY].snapshot(tenant if view is status.View.TENANT else None)
     return status.payload(
         uptime=time.monotonic() - app[STARTED],
         summary=app[METRICS].summary(),
-        registry=app[REGISTRY].snapshot(),
+        registry=rows,
         held=app[COALESCER].held,
         warms_in_flight=app[WARMER].in_flight,
+        view=view,
         extra={"upstream": app[UPSTREAM].public()} if UPSTREAM in app else None,  # upstream_profile
     )
 
 
 async def status_json(request: web.Request) -> web.Response:
-    """``GET /status.json``: what the status page shows, as JSON."""
-    status.check_admin(request, request.app[SETTINGS].admin_token)
-    return json_response(_status_data(request.app))
+    """``GET /status.json``: what the status page shows, as JSON (rows by view: see specproxy.status)."""
+    return json_response(_status_data(request.app, *_view(request)))
 
 
 async def status_page(request: web.Request) -> web.Response:
     """``GET /status``: a self-refreshing HTML page; no external assets."""
-    status.check_admin(request, request.app[SETTINGS].admin_token)
+    _view(request)
     return web.Response(text=status.PAGE, content_type="text/html",
                         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
@@ -70,6 +79,7 @@ async def healthz(request: web.Request) -> web.Response:
             "held": app[COALESCER].held,
             "warms_in_flight": app[WARMER].in_flight,
             "uptime_s": round(time.monotonic() - app[STARTED], 3),
+            "connections": app[SERVER_STATS].as_json() if SERVER_STATS in app else None,
         }
     )
 

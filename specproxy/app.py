@@ -15,21 +15,20 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from specproxy import logs
+from specproxy import logs, tracing
 from specproxy.accounting import Accounting
 from specproxy.admin import healthz, json_response, metrics_endpoint, openapi, status_json, status_page
 from specproxy.bodies import with_implicit_breakpoint
 from specproxy.coalesce import Coalescer, HoldLimits
 from specproxy.config import Settings
-from specproxy.credentials import Credentials, presented
+from specproxy.credentials import Credentials
 from specproxy.errors import (
     AuthenticationFailed,
     InvalidRequest,
     NotFound,
-    SpecproxyError,
-    from_http_exception,
 )
 from specproxy.forward import Forwarder
+from specproxy.guard import error_middleware, own_paths_middleware, unanswered_status
 from specproxy.keys import (
     COALESCER,
     CREDENTIALS,
@@ -45,9 +44,9 @@ from specproxy.keys import (
 )
 from specproxy.metrics import DEFAULT_PRICING, Metrics
 from specproxy.pipeline import Pipeline, upstream_headers_of
-from specproxy.prefix import PrefixError, compute, tenant_digest
+from specproxy.prefix import PrefixError, compute
 from specproxy.registry import MemoryRegistry, Registry
-from specproxy.serving import serve_forever
+from specproxy.serving import SERVER_OPTIONS, SERVER_STATS, ServerOptions, ServerStats, descriptor_budget, serve_forever
 from specproxy.speculate import Speculator
 from specproxy.upstream_profile import UPSTREAM, match_positions, resolve
 from specproxy.warmer import TenantWarmLimits, Warmer
@@ -68,38 +67,27 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     start = time.monotonic()
     fields: dict[str, Any] = {}
     request[LOG] = fields
-    status = 499  # the client went away before an answer (nginx's convention)
+    status = 0
     try:
         response = await handler(request)
         status = response.status
         return response
     finally:
+        if not status:
+            status = unanswered_status(request)  # 499 (nginx's convention) only if the client left
         outcome = fields.get("outcome", "none")
         path = _route_label(request)
         request.app[METRICS].request(path, status, outcome, fields.get("tenant"))
         fields.pop("tenant", None)
         logs.access(
             {
-                "method": request.method,
+                "method": logs.method_label(request.method),
                 "path": request.path,
                 "status": status,
                 **fields,
                 "ms": round((time.monotonic() - start) * 1000, 2),
             }
         )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error the proxy raises itself in Anthropic's shape."""
-    try:
-        return await handler(request)
-    except SpecproxyError as exc:
-        return exc.to_response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return from_http_exception(exc)
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:
@@ -114,10 +102,10 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
 
 def _require_credential(request: web.Request) -> str:
     request.app[CREDENTIALS].check(request.headers)
-    cred = presented(request.headers)
-    if cred is None:
+    tenant = request.app[CREDENTIALS].tenant(request.headers)
+    if tenant is None:
         raise AuthenticationFailed("x-api-key header is required")
-    return tenant_digest(cred)
+    return tenant
 
 
 # --- handlers -------------------------------------------------------------------------------------
@@ -130,10 +118,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Every path that is not the proxy's own goes upstream untouched."""
+    """Every path that is not the proxy's own goes upstream untouched, its body streamed (no size cap)."""
     request.app[CREDENTIALS].check(request.headers)
-    raw = await request.read()
-    relayed = await request.app[FORWARDER].forward(request, raw)
+    relayed = await request.app[FORWARDER].forward(request, None)
     assert relayed.response is not None
     return relayed.response
 
@@ -190,13 +177,29 @@ async def prewarm_state(request: web.Request) -> web.Response:
 
 
 # --- the factory ----------------------------------------------------------------------------------
-def create_app(settings: Settings, *, registry: Registry | None = None) -> web.Application:
-    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one)."""
+def create_app(
+    settings: Settings, *, registry: Registry | None = None, tracer: tracing.OtelTracing | None = None
+) -> web.Application:
+    """Build the proxy application for ``settings`` (the registry may be supplied, e.g. a shared one;
+    ``tracer`` replaces the tracing ``otel_*`` settings would set up)."""
+    tracer = tracer or tracing.setup(settings)
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[access_middleware, error_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[*((tracer.middleware,) if tracer else ()), access_middleware, error_middleware,
+                     own_paths_middleware],
     )
     app[SETTINGS] = settings
+    app[SERVER_OPTIONS] = ServerOptions(
+        header_timeout=settings.client_header_timeout,
+        body_timeout=settings.client_body_timeout,
+        idle_timeout=settings.client_idle_timeout,
+        max_connections=settings.client_max_connections,
+        auto_decompress=False,  # relay request bodies as sent: never inflated, never mislabelled
+        error_headers=(("X-Cache-Warm", "bypass"), ("X-Cache-Warm-Wait-Ms", "0")),
+    )
+    app[SERVER_STATS] = ServerStats()
     app[STARTED] = time.monotonic()
+    app[tracing.ENABLED] = tracer is not None
     metrics = Metrics(
         tenant_label=settings.metrics_tenant_label,
         pricing={**DEFAULT_PRICING, **{name: (p_in, p_out) for name, p_in, p_out in settings.pricing}},
@@ -218,6 +221,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             failed_ttl=settings.failed_ttl,
             rewarm_margin=settings.rewarm_margin,
             ttl_scale=settings.cache_ttl_scale,
+            max_entries_per_tenant=settings.max_entries_per_tenant,
         )
     app[REGISTRY] = reg
     limits = HoldLimits(settings.max_held_total, settings.max_held_per_tenant, settings.max_held_bytes)
@@ -228,8 +232,12 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         start = getattr(reg, "start", None)
         if start is not None:
             await start()  # a shared registry connects here; it never raises (starts degraded)
+        pool, _ = descriptor_budget(settings.upstream_max_connections, settings.client_max_connections)
+        if settings.upstream_max_connections and pool < settings.upstream_max_connections:
+            log.warning("upstream_max_connections lowered to %d to fit the open-files limit", pool)
         connector = aiohttp.TCPConnector(
-            limit=settings.upstream_max_connections, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
+            limit=pool, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+            keepalive_timeout=settings.upstream_idle_timeout,
         )
         # auto_decompress off: compressed responses are relayed as the upstream sent them.
         # DummyCookieJar: a proxy must never carry one tenant's cookies to another.
@@ -241,6 +249,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             settings.upstream,
             read_timeout=settings.upstream_read_timeout,
             connect_timeout=settings.upstream_connect_timeout,
+            pool_timeout=settings.upstream_pool_timeout,
             credentials=credentials,
         )
         warmer = Warmer(
@@ -248,10 +257,13 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
             settings.upstream,
             reg,
             warm_timeout=settings.warm_timeout,
-            limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant),
+            limits=TenantWarmLimits(settings.max_warms_in_flight_per_tenant, settings.warms_per_minute_per_tenant,
+                                    settings.credential_state_max),
         )
         app[WARMER] = warmer
         warmer.subscribe(accounting.warm_settled)
+        if tracer is not None:
+            warmer.subscribe(tracer.warm_settled)
         speculator = Speculator(settings, reg, warmer, metrics)  # subscribes itself
         app[SPECULATOR] = speculator
         coalescer = Coalescer(reg, warmer, max_hold=settings.max_hold, limits=limits, coalesce=settings.coalesce)
@@ -269,6 +281,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> web.A
         await warmer.close()
         await reg.close()
         await session.close()
+        if tracer is not None:
+            await tracer.close()
 
     async def release_held(app: web.Application) -> None:
         # Shutdown step 2 (after the listener closed): held requests go upstream now, not dropped;

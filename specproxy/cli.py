@@ -36,7 +36,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from specproxy.sim import load_profile, run_sim_server
 
-    profile = load_profile(args.config, time_scale=args.time_scale)
+    profile = load_profile(args.config, time_scale=args.time_scale, dialect=args.dialect,
+                           cache_report=True if args.cache_report else None, models=args.models)
     run_sim_server(args.host, args.port, profile)
     return 0
 
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", dest="time_scale", type=float, default=None,
                    help="multiply every simulated delay and TTL (0 = no delay; default 1.0)")
     p.add_argument("--config", help="TOML file overriding the simulator profile")
+    p.add_argument("--dialect", choices=("anthropic", "vllm", "sglang", "llamacpp"), default=None,
+                   help="answer as the Anthropic API (default) or as this engine's /v1/messages")
+    p.add_argument("--cache-report", dest="cache_report", action="store_true",
+                   help="engine dialects: report cache reads in usage, as vLLM --enable-prompt-tokens-details "
+                        "or SGLang --enable-cache-report do")
+    p.add_argument("--models", default=None, help="TOML or JSON file extending the model capability table")
     p.set_defaults(func=_cmd_sim)
 
     p = sub.add_parser("demo", help="standard vs speculative prompt caching, side by side")
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specproxy: configuration error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # the simulator's ProfileError, and other bad values from files
-        if type(exc).__name__ != "ProfileError":
+        if type(exc).__name__ not in ("ProfileError", "CapabilityError"):
             raise
         print(f"specproxy sim: profile error: {exc}", file=sys.stderr)
         return 2

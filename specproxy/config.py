@@ -62,6 +62,10 @@ class Settings:
     # --- limits ---
     max_body_bytes: int = _f(32 * 1024 * 1024, "largest request body accepted, in bytes (413 above)", min=1)
     registry_max_entries: int = _f(100_000, "warm registry entries kept; the oldest is evicted first", min=1)
+    # per credential: no tenant can evict another's warms by filling the registry (at least one warm's 4 breakpoints)
+    max_entries_per_tenant: int = _f(
+        25_000, "warm registry entries one credential may hold; above it, its own oldest is evicted first", min=4
+    )
     max_held_total: int = _f(10_000, "requests held at once in total; more go upstream unheld", min=0)
     max_held_per_tenant: int = _f(2_000, "requests held at once per credential; more go upstream unheld", min=0)
     max_held_bytes: int = _f(
@@ -73,8 +77,30 @@ class Settings:
     warms_per_minute_per_tenant: int = _f(600, "warms started per minute per credential; 429 above", min=1)
     upstream_connect_timeout: float = _f(10.0, "seconds to connect to the upstream", min=0.001)
     upstream_read_timeout: float = _f(600.0, "seconds of upstream silence before a request fails", min=0.001)
-    upstream_max_connections: int = _f(0, "pooled upstream connections at most (0: unlimited)", min=0)
     drain_timeout: float = _f(30.0, "on SIGTERM, seconds open streams may take to finish", min=0)
+    # --- client connections and the upstream pool (defaults a sidecar can live with) ---
+    client_header_timeout: float = _f(
+        10.0, "seconds a client may take to send a request's headers (408 and closed after)", min=0.001
+    )
+    client_body_timeout: float = _f(
+        30.0, "seconds a request body may go without a byte while the proxy reads it (408 after)", min=0.001
+    )
+    client_idle_timeout: float = _f(75.0, "seconds an idle keep-alive client connection is kept open", min=0.001)
+    client_max_connections: int = _f(
+        0, "client connections at most; past it the oldest one still sending headers is closed "
+        "(0: fit the open-files limit)", min=0,
+    )
+    upstream_max_connections: int = _f(
+        1024, "pooled upstream connections at most, lowered to fit the open-files limit (0: as many as fit)", min=0
+    )
+    upstream_idle_timeout: float = _f(15.0, "seconds an idle pooled upstream connection is kept", min=0.001)
+    upstream_pool_timeout: float = _f(
+        30.0, "seconds a request waits for a free upstream connection when all are busy, then 529 "
+        "(plus upstream_connect_timeout for the connect itself)", min=0
+    )
+    credential_state_max: int = _f(
+        10_000, "credentials whose per-credential limits are tracked at once (least recent forgotten first)", min=1
+    )
     # --- registry backend ---
     registry: Literal["memory", "redis"] = _f("memory", "where warm state lives: memory, or redis to share it")
     redis_url: str = _f("redis://127.0.0.1:6379/0", "Redis URL when registry = redis", secret_url=True)

@@ -7,6 +7,7 @@ Tree of the errors the proxy raises (each carries its HTTP status and Anthropic 
     ├── AuthenticationFailed            401 authentication_error
     ├── PermissionDenied                403 permission_error
     ├── NotFound                        404 not_found_error
+    ├── BodyTimeout                     408 timeout_error      (the client stopped sending its body)
     ├── RequestTooLarge                 413 request_too_large
     ├── RateLimited                     429 rate_limit_error   (sets retry-after)
     ├── UpstreamUnavailable             502 api_error
@@ -97,6 +98,11 @@ class NotFound(SpecproxyError):
     error_type = "not_found_error"
 
 
+class BodyTimeout(SpecproxyError):
+    status = 408
+    error_type = "timeout_error"
+
+
 class RequestTooLarge(SpecproxyError):
     status = 413
     error_type = "request_too_large"
@@ -134,6 +140,7 @@ STATUS_ERROR_TYPES: Final[dict[int, str]] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from specproxy.credentials import presented
+from specproxy.credentials import Credentials, presented
 from specproxy.prefix import Prefix, PrefixError, compute, has_breakpoint_marker, tenant_digest
 
 
@@ -38,17 +38,32 @@ class Identity:
 
 
 def identify(
-    headers: Mapping[str, str], raw: bytes, *, volatile: Sequence[str] = (), need_marker: bool = True
+    headers: Mapping[str, str],
+    raw: bytes,
+    *,
+    volatile: Sequence[str] = (),
+    need_marker: bool = True,
+    credentials: Credentials | None = None,
 ) -> Identity | None:
     """Parse and hash ``raw``; None when the request cannot be identified (it is then ``bypass``).
 
     With ``need_marker`` a body without the bytes ``cache_control`` is not even parsed: it cannot
-    carry a breakpoint (breakpoint injection turns this off, since it adds one).
+    carry a breakpoint (breakpoint injection turns this off, since it adds one). A body with a
+    ``Content-Encoding`` is not identified either: it is relayed as it came. ``credentials``
+    decides the tenant (:meth:`Credentials.tenant`: in injection mode every client is one tenant);
+    without it the tenant is the digest of the presented credential.
     """
     if need_marker and not has_breakpoint_marker(raw):
         return None
-    cred = presented(headers)
-    if cred is None:
+    encoding = headers.get("content-encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        return None  # a compressed body goes upstream as sent, unread (and no warm copies its headers)
+    if credentials is not None:
+        tenant = credentials.tenant(headers)
+    else:
+        cred = presented(headers)
+        tenant = tenant_digest(cred) if cred is not None else None
+    if tenant is None:
         return None
     try:
         body = orjson.loads(raw)
@@ -56,7 +71,6 @@ def identify(
         return None
     if not isinstance(body, dict):
         return None
-    tenant = tenant_digest(cred)
     try:
         prefix = compute(body, tenant, volatile)
     except (PrefixError, TypeError, ValueError, RecursionError):

@@ -14,6 +14,12 @@ from typing import Any, Final
 import orjson
 
 ACCESS: Final = logging.getLogger("specproxy.access")
+KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
+
+def method_label(method: str) -> str:
+    """The method for a log line: any other token is ``OTHER`` (a client may put anything there)."""
+    return method if method in KNOWN_METHODS else "OTHER"
 
 
 class JSONFormatter(logging.Formatter):

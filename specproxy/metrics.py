@@ -22,7 +22,7 @@ from specproxy.usage import Usage
 if TYPE_CHECKING:
     from specproxy.registry import Warm
 
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 log = logging.getLogger("specproxy.metrics")
 

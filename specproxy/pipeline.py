@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
+from specproxy import tracing
 from specproxy.accounting import Accounting
 from specproxy.coalesce import Coalescer, Decision
 from specproxy.config import Settings
@@ -61,12 +62,13 @@ class Pipeline:
         raw = await request.read()
         fields = request[LOG]
         headers = upstream_headers_of(self.credentials, request)
+        trace = tracing.of(request)  # spans, when otel_enabled (a no-op otherwise)
 
         # 1-2. identify, then the injection hook.
         inject = self.settings.inject_breakpoints
         engine = self.profile.engine  # automatic prefix caching: every request, every block position
         ident = identify(request.headers, raw, volatile=self.settings.volatile_system_prefixes,
-                         need_marker=not (inject or engine))
+                         need_marker=not (inject or engine), credentials=self.credentials)
         if ident is not None and engine:
             ident = dataclasses.replace(ident, prefix=match_positions(ident.prefix))
         if ident is not None and inject and not ident.cacheable:
@@ -78,7 +80,9 @@ class Pipeline:
         decision = Decision(BYPASS_VERDICT)
         if ident is not None and ident.cacheable:
             try:
-                decision = await self.coalescer.decide(ident, headers)
+                with trace.hold() as hold:
+                    decision = await self.coalescer.decide(ident, headers)
+                    hold.decided(decision.verdict)
             except asyncio.CancelledError:
                 fields["outcome"] = "abandoned"  # the client left while held: nothing went upstream
                 raise
@@ -91,7 +95,7 @@ class Pipeline:
             relayed = await self.forwarder.forward(
                 request,
                 ident.raw if ident is not None else raw,
-                upstream_headers=headers,
+                upstream_headers=trace.inject(headers, lead),  # opens the upstream span
                 extra_headers=verdict.headers(),
                 tap_usage=True,
                 collect_content=next_turn,
@@ -109,6 +113,7 @@ class Pipeline:
         if relayed.usage is not None:
             self.profile.normalise(relayed.usage)  # engines: input_tokens may include the cache read
         self.accounting.relayed(verdict, relayed, fields, ident.tenant if ident is not None else None)
+        trace.finish(verdict, relayed, ident)
         if ident is not None and (next_turn or lead is not None):
             await self.speculator.after(ident, verdict, lead, relayed, headers, next_turn=next_turn)
         assert relayed.response is not None

@@ -1,13 +1,25 @@
 """``GET /status`` (a self-refreshing HTML page, no external assets) and ``GET /status.json``.
 
 Both show uptime, outcome counts, tokens and dollars, and the live registry by prefix id, state,
-age, uses and time to expiry: never content, never a credential or its digest. When an admin
-token is configured both require it (``Authorization: Bearer …`` or ``?token=…``).
+age, uses and time to expiry: never content, never a credential or its digest. Who sees which
+registry rows (the ``view``):
+
+- ``admin``: the admin token (``Authorization: Bearer …`` or ``?token=…``) sees every row;
+- ``tenant``: a request carrying a credential (``x-api-key``; or ``Authorization: Bearer`` when no
+  admin token is set) sees its own tenant's rows only;
+- ``aggregate``: anyone else sees the counts only, no rows.
+
+With an admin token set, anything but the admin token or an ``x-api-key`` is refused (401). Bound to
+a non-loopback address without an admin token, the proxy serves the ``aggregate`` view to everyone:
+nobody reachable from the network can list prefix ids.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
+import ipaddress
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from aiohttp import web
@@ -15,6 +27,46 @@ from aiohttp import web
 from specproxy.errors import AuthenticationFailed
 
 MAX_ROWS: Final = 500
+
+
+class View(enum.StrEnum):
+    ADMIN = "admin"
+    TENANT = "tenant"
+    AGGREGATE = "aggregate"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def decide_view(
+    request: web.Request, *, admin_token: str, host: str, tenant_of: Callable[[Mapping[str, str]], str | None]
+) -> tuple[View, str | None]:
+    """Which view a status request gets, and the tenant whose rows it shows (raises 401 when refused)."""
+    auth = request.headers.get("authorization", "")
+    bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    if admin_token:
+        given = bearer or request.query.get("token", "")
+        if given and hmac.compare_digest(given.encode(), admin_token.encode()):
+            return View.ADMIN, None
+        key = request.headers.get("x-api-key")
+        if key and not given:
+            tenant = tenant_of({"x-api-key": key})
+            if tenant is not None:
+                return View.TENANT, tenant
+        raise AuthenticationFailed("The status page needs the admin token (Authorization: Bearer <token>).")
+    if not is_loopback(host):
+        return View.AGGREGATE, None
+    tenant = tenant_of(request.headers) if (request.headers.get("x-api-key") or bearer) else None
+    if tenant is not None:
+        return View.TENANT, tenant
+    return View.AGGREGATE, None
 
 
 def check_admin(request: web.Request, token: str) -> None:
@@ -30,15 +82,18 @@ def check_admin(request: web.Request, token: str) -> None:
 
 
 def payload(*, uptime: float, summary: dict[str, Any], registry: list[dict[str, Any]], held: int,
-            warms_in_flight: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The data both the page and ``/status.json`` show."""
+            warms_in_flight: int, extra: dict[str, Any] | None = None, view: View = View.ADMIN,
+            registry_size: int | None = None) -> dict[str, Any]:
+    """The data both the page and ``/status.json`` show; ``registry`` is what ``view`` may see."""
+    rows = registry if view is not View.AGGREGATE else []
     out = {
         "uptime_s": round(uptime, 1),
         "held": held,
         "warms_in_flight": warms_in_flight,
         **summary,
-        "registry_size": len(registry),
-        "registry": registry[:MAX_ROWS],
+        "view": str(view),
+        "registry_size": len(registry) if registry_size is None else registry_size,
+        "registry": rows[:MAX_ROWS],
     }
     if extra:
         out.update(extra)
@@ -63,7 +118,7 @@ code{font-family:ui-monospace,monospace}
 <p id="upstream"></p>
 <div class="cards" id="cards"></div>
 <h2>Outcomes</h2><div class="cards" id="outcomes"></div>
-<h2>Warm registry</h2>
+<h2>Warm registry</h2><small id="hidden"></small>
 <table><thead><tr><th>prefix</th><th>state</th><th>age (s)</th><th>uses</th><th>expires in (s)</th></tr></thead>
 <tbody id="rows"></tbody></table>
 <script>
@@ -87,6 +142,9 @@ async function refresh(){
       card("warms wasted", s.warms_wasted||0), card("mismatches", s.warm_mismatches||0));
     document.getElementById("outcomes").replaceChildren(
       ...Object.entries(s.outcomes||{}).map(([k,v])=>card(k,v)));
+    const hidden = s.view === "aggregate" && s.registry_size > 0;
+    document.getElementById("hidden").textContent = hidden
+      ? s.registry_size + " entries; rows are shown to the admin token (?token=) only" : "";
     document.getElementById("rows").replaceChildren(...(s.registry||[]).map(e=>{
       const tr=document.createElement("tr");
       for(const [v,c] of [[e.prefix,"code"],[e.state,e.state],[e.age_s,""],[e.uses,""],[e.expires_in_s??"",""]]){

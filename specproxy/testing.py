@@ -85,14 +85,18 @@ async def run_sim(
     profile: SimProfile | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    dialect: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[SimHandle]:
     """Run the simulator on 127.0.0.1, port 0, for the duration of the block.
 
     Without a ``profile`` the default one runs at ``time_scale=0`` (no delays); ``overrides``
     replace profile fields (``reply_tokens=5``, ``time_scale=0.01``, ...). ``clock`` drives TTLs.
+    ``dialect`` ("anthropic", "vllm", "sglang", "llamacpp") picks what the simulator answers as.
     """
     base = profile if profile is not None else SimProfile(time_scale=0.0)
+    if dialect is not None:
+        overrides["dialect"] = dialect
     app = create_sim_app(dataclasses.replace(base, **overrides), clock=clock)
     async with running(app) as r, aiohttp.ClientSession() as session:
         yield SimHandle(url=r.url, app=app, state=app[SIM_STATE], session=session)

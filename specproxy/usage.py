@@ -3,6 +3,9 @@
 Streaming: ``message_start`` carries the input usage (cache counters included) and the final
 ``message_delta`` the cumulative counts. Non-streaming: the JSON body's ``usage``; a copy of the
 body is kept (bounded) only until the response ends. Compressed bodies are inflated on the copy.
+
+The tap never raises: an event that is not JSON, JSON that is not an object, or a usage count that
+is not a non-negative integer makes the usage unknown (``failed``), and the relay goes on unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +21,23 @@ from specproxy.sse import SSEReader
 MAX_JSON_COPY: Final = 8 * 1024 * 1024
 
 
+def _count(value: Any) -> int:
+    """A token count: a non-negative integer, or 0 when absent; anything else is not usage."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a usage count is not a non-negative integer")
+    return value
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
 @dataclass(slots=True)
 class Usage:
     """Token counts of one response, by kind."""
@@ -30,15 +50,17 @@ class Usage:
 
     @classmethod
     def from_api(cls, usage: dict[str, Any]) -> Usage:
-        created = int(usage.get("cache_creation_input_tokens") or 0)
-        split = usage.get("cache_creation") or {}
-        w1h = int(split.get("ephemeral_1h_input_tokens") or 0) if isinstance(split, dict) else 0
+        """From the API's ``usage`` object; ValueError when it is not one (wrong types)."""
+        usage = _obj(usage)
+        created = _count(usage.get("cache_creation_input_tokens"))
+        split = _obj(usage.get("cache_creation"))
+        w1h = _count(split.get("ephemeral_1h_input_tokens"))
         return cls(
-            input=int(usage.get("input_tokens") or 0),
-            cache_read=int(usage.get("cache_read_input_tokens") or 0),
+            input=_count(usage.get("input_tokens")),
+            cache_read=_count(usage.get("cache_read_input_tokens")),
             cache_write_5m=max(0, created - w1h),
             cache_write_1h=w1h,
-            output=int(usage.get("output_tokens") or 0),
+            output=_count(usage.get("output_tokens")),
         )
 
     def merge_delta(self, usage: dict[str, Any]) -> None:
@@ -76,7 +98,7 @@ class Usage:
 class UsageTap:
     """Fed every chunk of a Messages response (``feed``); ``finish`` returns its usage, or None."""
 
-    __slots__ = ("_collect", "_inflate", "_json", "_partial", "_size", "_sse", "content", "model", "usage")
+    __slots__ = ("_collect", "_inflate", "_json", "_partial", "_size", "_sse", "content", "failed", "model", "usage")
 
     def __init__(self, content_type: str, content_encoding: str, *, collect_content: bool = False) -> None:
         # With collect_content, the reply's content blocks are rebuilt (JSON: as sent; SSE: from
@@ -92,11 +114,25 @@ class UsageTap:
         self._size = 0
         self.usage: Usage | None = None
         self.model: str | None = None
+        self.failed = False  # the response could not be read: its usage is unknown
         if enc not in ("", "identity", "gzip", "deflate", "x-gzip"):
             self._sse = None
             self._json = None  # br/zstd: not read
 
+    def _give_up(self) -> None:
+        self.failed = True
+        self.usage = None
+        self.content = None
+        self._sse = self._json = self._inflate = None
+
     def feed(self, chunk: bytes) -> None:
+        """Read one chunk of the response (never raises)."""
+        try:
+            self._feed(chunk)
+        except Exception:  # any malformed upstream data: usage unknown, the relay is unaffected
+            self._give_up()
+
+    def _feed(self, chunk: bytes) -> None:
         if self._inflate is not None:
             try:
                 chunk = self._inflate.decompress(chunk)
@@ -106,13 +142,17 @@ class UsageTap:
         if self._sse is not None:
             for event, data in self._sse.feed(chunk):
                 if event == "message_start":
-                    message = orjson.loads(data).get("message") or {}
-                    self.model = message.get("model")
-                    self.usage = Usage.from_api(message.get("usage") or {})
+                    message = _obj(_obj(orjson.loads(data)).get("message"))
+                    model = message.get("model")
+                    self.model = model if isinstance(model, str) else None
+                    self.usage = Usage.from_api(_obj(message.get("usage")))
                 elif event == "message_delta" and self.usage is not None:
-                    self.usage.merge_delta(orjson.loads(data).get("usage") or {})
+                    self.usage.merge_delta(_obj(_obj(orjson.loads(data)).get("usage")))
                 elif self._collect and event.startswith("content_block"):
-                    self._rebuild(event, orjson.loads(data))
+                    try:
+                        self._rebuild(event, _obj(orjson.loads(data)))
+                    except Exception:  # a reply we cannot rebuild is not warmed; usage is still read
+                        self.content = None
         elif self._json is not None:
             self._size += len(chunk)
             if self._size > MAX_JSON_COPY:
@@ -121,14 +161,24 @@ class UsageTap:
                 self._json.append(chunk)
 
     def finish(self) -> Usage | None:
+        """The response's usage, or None when it is unknown (never raises)."""
+        try:
+            return self._finish()
+        except Exception:  # a malformed body: usage unknown
+            self._give_up()
+            return None
+
+    def _finish(self) -> Usage | None:
         if self._json is not None:
             try:
                 data = orjson.loads(b"".join(self._json))
             except orjson.JSONDecodeError:
+                self._give_up()
                 return None
             self._json = None
-            if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                self.model = data.get("model")
+            if isinstance(data, dict) and "usage" in data:
+                model = data.get("model")
+                self.model = model if isinstance(model, str) else None
                 self.usage = Usage.from_api(data["usage"])
                 if self._collect and isinstance(data.get("content"), list):
                     self.content = data["content"]

@@ -22,6 +22,7 @@ import orjson
 from multidict import CIMultiDict
 
 from specproxy.bodies import warm_request
+from specproxy.credentials import PerCredential
 from specproxy.errors import RateLimited
 from specproxy.prefix import Prefix
 from specproxy.registry import Kind, Registry, State, Warm
@@ -96,16 +97,22 @@ def refuses_max_tokens_0(status: int, error: Mapping[str, Any] | None) -> bool:
 class TenantWarmLimits:
     """Per-tenant bounds on warms: in flight at once, and started per rolling minute."""
 
-    def __init__(self, max_in_flight: int, per_minute: int) -> None:
+    def __init__(self, max_in_flight: int, per_minute: int, max_tenants: int = 10_000) -> None:
         self._max_in_flight = max_in_flight
         self._per_minute = per_minute
         self._in_flight: dict[str, int] = {}
-        self._starts: dict[str, deque[float]] = {}
+        # Bounded by count and age (a tenant's window is forgotten a minute after its last start).
+        self._starts: PerCredential[deque[float]] = PerCredential(max_tenants, 60.0, deque)
+
+    @property
+    def tracked(self) -> int:
+        """Tenants whose rate window is remembered now."""
+        return len(self._starts)
 
     def acquire(self, tenant: str) -> None:
         """Count a warm start, or raise :class:`RateLimited` with a ``retry-after``."""
         now = time.monotonic()
-        starts = self._starts.setdefault(tenant, deque())
+        starts = self._starts.touch(tenant)
         while starts and now - starts[0] >= 60.0:
             starts.popleft()
         if self._in_flight.get(tenant, 0) >= self._max_in_flight:
@@ -133,7 +140,7 @@ class TenantWarmLimits:
             self._in_flight.pop(tenant, None)
             starts = self._starts.get(tenant)
             if starts is not None and not starts:
-                del self._starts[tenant]
+                self._starts.pop(tenant)
 
     def in_flight(self, tenant: str) -> int:
         return self._in_flight.get(tenant, 0)

@@ -143,7 +143,9 @@ def test_readme_opens_with_the_demo_command_then_the_test_command() -> None:
         pytest.skip("no README.md (nor docs/README-draft.md) yet")
     blocks = re.findall(r"```\w*\n(.*?)```", readme.read_text(encoding="utf-8"), re.S)
     assert blocks[0].strip().startswith("python -m pip install -e '.[demo]' && specproxy demo")
-    assert blocks[1].strip() == "python -m pip install -e '.[test]' && python -m pytest"
+    assert blocks[1].strip() == (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+    )
 
 
 def test_simulated_seconds_scale_only_what_the_simulator_slept() -> None:

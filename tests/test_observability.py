@@ -404,7 +404,7 @@ async def test_the_held_gauge_counts_requests_waiting_for_a_warm(
     questions = [asyncio.create_task(ask(http, proxy, question_body(f"question {i}?"))) for i in range(2)]
     await proxy.until_held(2)
     assert (await scrape(http, proxy)).value("specproxy_held_requests") == 2
-    data = await status_json(http, proxy)
+    data = await status_json(http, proxy, headers={"x-api-key": KEY_A})  # the tenant's own view
     assert data["held"] == 2 and data["warms_in_flight"] == 1
     assert [(row["prefix"], row["state"]) for row in data["registry"]] == [(warm["prefix"], "warming")]
     await sim.open_gate("warm")
@@ -567,7 +567,7 @@ async def test_status_json_shows_outcomes_tokens_and_the_registry_without_conten
     warm = await prewarm(http, proxy)
     _, hit = await ask(http, proxy)
     await ask(http, proxy, question_body(context=context("miss")))
-    async with http.get(proxy.url + "/status.json") as r:
+    async with http.get(proxy.url + "/status.json", headers={"x-api-key": KEY_A}) as r:  # its own rows
         assert r.status == 200
         raw = await r.text()
     data = orjson.loads(raw)

@@ -71,7 +71,7 @@ async def test_forwarded_bytes_equal_the_bytes_the_client_sent(proxy: ProxyHandl
     raw = (
         b'{ "messages" : [ {"content": [{"type":"text","text":"caf\\u00e9 \xe2\x98\x95",'
         b' "cache_control": {"type": "ephemeral"}}], "role":"user"} ],\n "max_tokens": 5, "model": "'
-        + MODEL.encode() + b'", "unknown_field": {"z": 1, "a": 2} }'
+        + MODEL.encode() + b'", "metadata": {  "user_id" :"z\\u00e9-a"} }'
     )
     async with http.post(proxy.url + "/v1/messages?beta=true", data=raw, headers=headers()) as r:
         assert r.status == 200

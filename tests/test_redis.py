@@ -1,7 +1,9 @@
 """The Redis registry: warm state shared by replicas, against a real redis-server.
 
-Registry-level tests first (single flight, settles crossing replicas, isolation, expiry, a stalled
-or absent Redis), then three proxy replicas in front of one simulator: the real HTTP path, end to end.
+Registry-level tests first (what only replicas have: racing claims, a late or dead replica, the keys
+in Redis, a stalled or absent Redis), then proxy replicas in front of one simulator: the real HTTP
+path, end to end. The behaviours every backend shares, across two replicas included, are in
+tests/test_registry_conformance.py.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anthropic
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from specproxy.prefix import Prefix, compute, tenant_digest
-from specproxy.registry import RedisRegistry, State
+from specproxy.registry import Kind, RedisRegistry, State
+from specproxy.registry.shared import SharedWarm
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
 from tests.conftest import CONTEXT, KEY_A, KEY_B, eventually, headers, question_body, warm_body
 from tests.redis_server import REDIS_SERVER, RedisServer, run_replica
@@ -80,38 +84,47 @@ async def test_one_of_three_replicas_wins_a_prefix_claimed_by_all_at_once(redis_
         assert len({warm.prefix for warm, _ in results}) == 1
         assert all(not reg.degraded for reg in regs)
 
-
-@pytest.mark.parametrize(("state", "error"), [(State.WARM, None), (State.UNCACHEABLE, None),
-                                              (State.FAILED, "overloaded_error")])
-async def test_a_settle_on_one_replica_releases_waiters_on_the_others_with_its_state(
-    redis_server: RedisServer, state: State, error: str | None
+async def test_leaders_racing_on_three_replicas_all_go_at_once_and_the_fleet_keeps_one(
+    redis_server: RedisServer,
 ) -> None:
-    async with registries(redis_server.url) as (a, b, c):
-        warm, started = await a.begin(A, prefix())
-        assert started
-        await eventually(lambda: knows(b, prefix(), State.WARMING))
-        await eventually(lambda: knows(c, prefix(), State.WARMING))
-        waiting = [(await r.match(prefix())) for r in (b, c)]
-        waits = [asyncio.create_task(m.warm.wait(30)) for m in waiting if m is not None]
-        assert len(waits) == 2
-        await asyncio.sleep(0)
-        assert not any(w.done() for w in waits)
-        warm.mode = "0"
-        await a.settle(warm, state, error=error)
-        assert await asyncio.gather(*waits) == [True, True]
-        for m in waiting:
-            assert m is not None
-            assert (m.warm.state, m.warm.error, m.warm.mode) == (state, error, "0")
+    """A leader's begin never waits for Redis: three replicas leading one prefix at the same instant all
+    forward (single flight is best-effort across replicas), then every mirror follows the one claim
+    Redis kept, and each leader still releases the requests holding on it on its own replica."""
+    async with registries(redis_server.url) as regs:
+        results = await asyncio.gather(*(reg.begin(A, prefix(), kind=Kind.LEADER) for reg in regs))
+        assert [started for _, started in results] == [True, True, True]
+        waits = [asyncio.create_task(warm.wait(30)) for warm, _ in results]
+        for _ in range(2):  # all claims in Redis, then every announcement applied everywhere
+            for reg in regs:
+                await reg.sync()
+        kept = {m.warm.uid for reg in regs
+                if (m := await reg.match(prefix())) is not None and isinstance(m.warm, SharedWarm)}
+        assert len(kept) == 1 and kept <= {w.uid for w, _ in results if isinstance(w, SharedWarm)}
+        for reg, (warm, _) in zip(regs, results, strict=True):
+            await reg.settle(warm, State.WARM)
+        assert await asyncio.gather(*waits) == [True, True, True]
+        for reg in regs:
+            await reg.sync()
+        assert [await knows(reg, prefix(), State.WARM) for reg in regs] == [True, True, True]
+        assert all(not reg.degraded for reg in regs)
 
 
-async def test_a_warm_is_found_by_id_on_another_replica_for_its_own_tenant_only(redis_server: RedisServer) -> None:
-    async with registries(redis_server.url, n=2) as (a, b):
-        warm, _ = await a.begin(A, prefix())
-        await a.settle(warm, State.WARM)
-        found = await b.get(A, warm.prefix)
-        assert found is not None and found[0].state is State.WARM and found[1] is not None
-        assert await b.get(B, warm.prefix) is None
-        assert await b.get(A, "not-an-id") is None
+async def test_a_leaders_begin_returns_while_redis_cannot_answer(redis_server: RedisServer) -> None:
+    async with registries(redis_server.url, n=2, op_timeout=30.0) as (a, b):
+        redis_server.pause()
+        try:
+            async with asyncio.timeout(5):  # a bound on a hang (a claim awaited would take 30 s), not a measurement
+                leader, started = await a.begin(A, prefix(), kind=Kind.LEADER)
+            assert started and await knows(a, prefix(), State.WARMING) and not a.degraded
+        finally:
+            redis_server.resume()
+        await a.sync()
+        await b.sync()
+        assert await knows(b, prefix(), State.WARMING)  # shared once Redis answered
+        await a.settle(leader, State.WARM)
+        await b.sync()
+        assert await knows(b, prefix(), State.WARM)
+
 
 
 async def test_a_replica_started_later_learns_the_live_warms(redis_server: RedisServer) -> None:
@@ -158,17 +171,6 @@ async def test_every_key_expires_and_names_its_tenant(redis_server: RedisServer)
             assert {k.split(":")[2] for k in keys} == {"{" + A[:16] + "}", "{" + B[:16] + "}"}
         finally:
             await client.aclose()
-
-
-async def test_a_use_on_one_replica_counts_on_the_replica_that_sent_the_warm(redis_server: RedisServer) -> None:
-    async with registries(redis_server.url, n=2) as (a, b):
-        warm, _ = await a.begin(A, prefix())
-        await a.settle(warm, State.WARM)
-        await eventually(lambda: knows(b, prefix(), State.WARM))
-        match = await b.match(prefix())
-        assert match is not None
-        await b.touch(match)
-        await eventually(lambda: warm.uses == 1)
 
 
 async def test_malformed_announcements_are_ignored(redis_server: RedisServer) -> None:
@@ -355,6 +357,48 @@ async def test_a_cold_request_on_one_replica_leads_and_its_twin_on_another_waits
         assert (lead_outcome, status, outcome) == ("miss", 200, "held")
         assert body["usage"]["cache_read_input_tokens"] > 0
         assert (await sim.stats())["cache_writes"] == 1
+
+async def test_a_leader_goes_upstream_while_redis_cannot_answer_and_the_fleet_learns_it_after(
+    sim: SimHandle, redis_server: RedisServer
+) -> None:
+    """A cold streamed request through the SDK leads its prefix on replica a while Redis is stopped (SIGSTOP) and
+    a's op_timeout is 30 s: it reaches the upstream with no Redis round trip, since its claim is shared
+    in the background; once Redis answers, replica b knows the prefix and holds its twin on it."""
+    a_reg, b_reg = registry(redis_server.url, op_timeout=30.0), registry(redis_server.url)
+    async with (
+        run_replica(sim.url, a_reg, max_hold=20.0) as a,
+        run_replica(sim.url, b_reg, max_hold=20.0) as b,
+        anthropic.AsyncAnthropic(base_url=a.url, api_key=KEY_A, max_retries=0) as client,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def lead() -> tuple[str, int]:
+            async with client.messages.stream(**question_body(), extra_headers={"x-sim-gate": "lead"}) as stream:
+                message = await stream.get_final_message()
+                return stream.response.headers["X-Cache-Warm"], message.usage.cache_creation_input_tokens or 0
+
+        redis_server.pause()
+        try:
+            leader = asyncio.create_task(lead())
+            async with asyncio.timeout(10):  # a bound on a hang (an awaited claim would take 30 s), not a measurement
+                await sim.state.gates.wait_for_waiters("lead", 1)
+            assert (await sim.stats())["requests"] == 1 and not a_reg.degraded  # forwarded; Redis never answered
+        finally:
+            redis_server.resume()
+        await a_reg.sync()
+        await b_reg.sync()
+        assert await knows(b_reg, compute(question_body(), A), State.WARMING)  # b heard of a's leader
+        twin = asyncio.create_task(ask(http, Replica(b, b_reg), question="Another question?"))
+        await b.until_held(1)
+        await sim.open_gate("lead")
+        outcome, written = await leader
+        assert outcome == "miss" and written > 0  # it led: it wrote the cache its twin reads
+        status, outcome, body = await twin
+        assert (status, outcome) == (200, "held") and body["usage"]["cache_read_input_tokens"] > 0
+        stats = await sim.stats()
+        assert (stats["requests"], stats["cache_writes"]) == (2, 1)
+        assert not a_reg.degraded and not b_reg.degraded
+
 
 
 async def test_a_non_streaming_leader_on_one_replica_is_taken_over_by_a_warm_from_another(

@@ -56,8 +56,6 @@ class Warm:
     model: str | None = None
     kind: Kind = Kind.PREWARM
     keys: list[bytes] = field(default_factory=list)  # the chain values it registered
-    body: dict[str, Any] | None = None  # kept only for keep-warm re-sends, within a byte budget
-    headers: Any = None  # the upstream headers a re-send needs (credential included); never shown
     next_turn_of: str | None = None  # for a next-turn warm: the prefix id of the turn it extends
     expires_at: float = 0.0  # when its longest-lived entry expires (this replica's clock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,6 +131,7 @@ class Registry(Protocol):
     ) -> tuple[Warm, bool]:
         """Single flight: the warm for this prefix, and True when the caller must send it.
 
+        Decided by :func:`specproxy.registry.rules.decide` at the prefix's longest breakpoint key.
         ``replace`` takes over a prefix whose current warm is a non-streaming leader still in flight.
         """
 
@@ -150,6 +149,10 @@ class Registry(Protocol):
 
     async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
         """A warm by its 16-hex id, for its own tenant only; with its expiry."""
+
+    async def sync(self) -> None:
+        """Return once this backend's changes are shared and what others shared before is applied here
+        (a no-op in memory: a seam for tests and hand-overs, never needed on the request path)."""
 
     def snapshot(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Public view of live warms (optionally one tenant's), newest first."""

@@ -1,11 +1,15 @@
 """The Redis warm registry: warm state shared by proxy replicas, with the in-process registry as its fast path.
 
 Each replica mirrors every live warm of the fleet in a local :class:`~specproxy.registry.shared.Mirror`
-(a :class:`~specproxy.registry.memory.MemoryRegistry`) fed by one pub/sub channel, so ``match``, the
-request path, never waits on Redis. Redis decides what one replica cannot: single flight (one
-atomic script claims a prefix and announces it), ``get`` of a warm this replica never heard of,
-and the resync after a blip. A settle is announced on the channel and releases holders on every
-replica at once.
+(a :class:`~specproxy.registry.memory.MemoryRegistry`) fed by one pub/sub channel, so the request
+path never waits on Redis: ``match`` reads the mirror, and ``begin`` decides in the mirror (the
+single-flight rule of :mod:`specproxy.registry.rules`) and returns at once, the shared claim
+following in the background. Redis then arbitrates between replicas: one atomic script applies the
+same rule to what Redis holds, claims the prefix and announces it. Two replicas that begin the same
+prefix within one claim's round trip both send their warm (no request waits; single flight is
+exact within a replica, best-effort across replicas) and the fleet converges on the one Redis
+kept. Redis also serves ``get`` of a warm this replica never heard of, and the resync after a
+blip. A settle is announced on the channel and releases holders on every replica at once.
 
 When Redis is unreachable, or slower than ``op_timeout``, the replica serves from its mirror and
 says so (``degraded``), reconnects in the background with capped backoff, and on reconnect pushes
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -42,7 +47,8 @@ from redis.exceptions import RedisError
 from specproxy.config import redact_url
 from specproxy.prefix import Prefix
 from specproxy.registry.model import Kind, Match, State, Warm
-from specproxy.registry.shared import Mirror, SharedWarm, announcement, new_warm, note, to_record
+from specproxy.registry.rules import MAY_TAKE_LUA
+from specproxy.registry.shared import Mirror, SharedWarm, announcement, note, to_record
 
 if TYPE_CHECKING:
     from specproxy.config import Settings
@@ -55,32 +61,33 @@ _RESYNC_TIMEOUT: Final = 30.0
 _BATCH: Final = 500
 _OUTBOX_MAX: Final = 10_000
 
-# Claim a warm. KEYS: its breakpoint keys (longest last), then its id key. ARGV: warm_timeout ms,
-# rewarm_margin ms, record, channel, announcement, replace ("1": may take over from a non-streaming
-# leader in flight). Returns {1} when claimed, else {0, record, pttl} of the warm covering the prefix.
-_BEGIN: Final = """
+# Claim a warm: the single-flight rule of specproxy.registry.rules (``may_take``, MAY_TAKE_LUA) applied
+# to what Redis holds. KEYS: its breakpoint keys (longest last), then its id key. ARGV: 1 entry PX ms
+# (warm_timeout + failed_ttl), 2 rewarm_margin ms, 3 failed_ttl ms, 4 record, 5 channel,
+# 6 announcement, 7 replace ("1": may take over from a non-streaming leader in flight).
+# The longest key decides: if the rule lets the warm take it, every key the rule lets it take is
+# set, the id key too, and the begin is announced with ``c``, one flag per key taken; the script
+# returns {1}. Otherwise nothing changes and it returns {0, record, pttl} of the warm holding it.
+CLAIM_SCRIPT: Final = MAY_TAKE_LUA + """
 local n = #KEYS - 1
-local timeout, margin = ARGV[1], tonumber(ARGV[2])
+local px, margin, failed = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local replace = ARGV[7] == '1'
 local current = redis.call('GET', KEYS[n])
-if current then
-  local old = cjson.decode(current)
-  local expiring = old['s'] == 'warm' and redis.call('PTTL', KEYS[n]) <= margin
-  local leader = ARGV[6] == '1' and old['kd'] == 'leader-json' and old['s'] == 'warming'
-  if not (expiring or leader) then
-    return {0, current, redis.call('PTTL', KEYS[n])}
-  end
-  redis.call('SET', KEYS[n], ARGV[3], 'XX', 'PX', timeout)  -- re-warm, or take over from the leader
-else
-  redis.call('SET', KEYS[n], ARGV[3], 'NX', 'PX', timeout)  -- the claim: set-if-absent
+local left = redis.call('PTTL', KEYS[n])
+if not may_take(current, left, margin, failed, replace) then
+  return {0, current, left}
 end
-for i = 1, n - 1 do
-  local value = redis.call('GET', KEYS[i])
-  if not (value and cjson.decode(value)['s'] == 'warm' and redis.call('PTTL', KEYS[i]) > margin) then
-    redis.call('SET', KEYS[i], ARGV[3], 'PX', timeout)
+local taken = {}
+for i = 1, n do
+  if i == n or may_take(redis.call('GET', KEYS[i]), redis.call('PTTL', KEYS[i]), margin, failed, replace) then
+    redis.call('SET', KEYS[i], ARGV[4], 'PX', px)
+    taken[i] = 1
+  else
+    taken[i] = 0
   end
 end
-redis.call('SET', KEYS[n + 1], ARGV[3], 'PX', timeout)
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('SET', KEYS[n + 1], ARGV[4], 'PX', px)
+redis.call('PUBLISH', ARGV[5], string.sub(ARGV[6], 1, -2) .. ',"c":[' .. table.concat(taken, ',') .. ']}')
 return {1}
 """
 
@@ -128,11 +135,13 @@ class RedisRegistry:
         namespace: str = "specproxy",
         connect_timeout: float = 1.0,
         reconnect_max: float = 2.0,
+        max_entries_per_tenant: int | None = None,
     ) -> None:
         self._scripts_loaded = False
         self._url = url
         self._clock = clock
         self._warm_timeout = warm_timeout
+        self._failed_ttl = failed_ttl
         self._rewarm_margin = rewarm_margin
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
@@ -141,8 +150,13 @@ class RedisRegistry:
         self._channel = f"{namespace}:events"
         self.replica_id = secrets.token_hex(6)
         self._mirror = Mirror(replica=self.replica_id, max_entries=max_entries, warm_timeout=warm_timeout,
-                              failed_ttl=failed_ttl, rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock)
-        self._claims: dict[bytes, asyncio.Future[tuple[Warm, bool]]] = {}
+                              failed_ttl=failed_ttl, rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock,
+                              max_entries_per_tenant=max_entries_per_tenant)
+        # Claims of this replica's own warms still on their way to Redis, by uid (a settle waits for its claim).
+        self._claims: dict[str, asyncio.Task[SharedWarm | None]] = {}
+        self._barriers: dict[str, asyncio.Future[None]] = {}
+        self._outbox_empty = asyncio.Event()
+        self._outbox_empty.set()
         # Touches (a key) and refreshes (None) to write in the background; the oldest drop first.
         self._outbox: deque[tuple[SharedWarm, bytes | None]] = deque(maxlen=_OUTBOX_MAX)
         self._outbox_ready = asyncio.Event()
@@ -161,7 +175,8 @@ class RedisRegistry:
         """The registry ``settings`` describe (``registry = "redis"``); :meth:`start` it before serving."""
         return cls(settings.redis_url, max_entries=settings.registry_max_entries,
                    warm_timeout=settings.warm_timeout, failed_ttl=settings.failed_ttl,
-                   rewarm_margin=settings.rewarm_margin, ttl_scale=settings.cache_ttl_scale)
+                   rewarm_margin=settings.rewarm_margin, ttl_scale=settings.cache_ttl_scale,
+                   max_entries_per_tenant=settings.max_entries_per_tenant)
 
     @property
     def degraded(self) -> bool:
@@ -178,7 +193,7 @@ class RedisRegistry:
             self._url, socket_connect_timeout=self._connect_timeout, socket_keepalive=True,
             retry=Retry(NoBackoff(), 0), client_name=f"specproxy-{self.replica_id}",
         )
-        self._begin_script = self._redis.register_script(_BEGIN)
+        self._claim_script = self._redis.register_script(CLAIM_SCRIPT)
         self._upsert_script = self._redis.register_script(_UPSERT)
         self._scripts_loaded = False
         self._spawn(self._supervise())
@@ -232,66 +247,84 @@ class RedisRegistry:
     async def begin(
         self, tenant: str, prefix: Prefix, *, kind: Kind = Kind.PREWARM, replace: bool = False
     ) -> tuple[Warm, bool]:
-        last = prefix.last_breakpoint
-        if last is None:
-            raise ValueError("a warm needs at least one breakpoint")
-        key = prefix.key(last.position)
-        existing = self._mirror.entry(key)
-        if existing is not None and not self._mirror.worth_rewarming(existing, self._clock()):
-            held = existing.warm
-            if not (replace and held.kind is Kind.LEADER_JSON and held.state is State.WARMING):
-                return held, False  # known here already: no round trip
-        claim = self._claims.get(key)
-        if claim is not None:  # the same prefix is being claimed on this replica: share the outcome
-            warm, _ = await asyncio.shield(claim)
-            return warm, False
-        claim = asyncio.ensure_future(self._claim(tenant, prefix, kind, replace))
-        self._claims[key] = claim
+        """Single flight, decided at once in the mirror; then shared through Redis.
 
-        def done(claim: asyncio.Future[tuple[Warm, bool]]) -> None:
-            if self._claims.get(key) is claim:
-                del self._claims[key]
+        A leader (a client's request that is about to be forwarded) never waits for Redis: its
+        claim follows in the background. If another replica claimed the prefix first, both requests
+        are on their way upstream already; this mirror adopts the winner, and the leader still
+        releases the requests holding on it here when it settles.
 
-        claim.add_done_callback(done)
+        A background warm (``/prewarm``, a coalescing or next-turn warm) waits for its claim (at most
+        ``op_timeout``) before it is sent, so that a ``/prewarm`` answered on one replica is known to
+        the fleet: if another replica's warm won, nothing is sent and the caller gets that warm (a
+        local warm others joined meanwhile settles with the winner's outcome).
+        """
+        warm, started = self._mirror.begin_now(tenant, prefix, kind=kind, replace=replace)
+        if not started or not isinstance(warm, SharedWarm):
+            return warm, started
+        if not self._healthy or self._redis is None:
+            self._unsynced.add(warm.uid)  # decided alone: pushed once Redis answers
+            return warm, True
+        claim = asyncio.get_running_loop().create_task(self._claim(warm, replace))
+        self._claims[warm.uid] = claim
+        self._tasks.add(claim)
+        claim.add_done_callback(self._tasks.discard)
+        claim.add_done_callback(functools.partial(self._claimed, warm.uid))
+        if kind in (Kind.LEADER, Kind.LEADER_JSON):
+            return warm, True
         try:
-            return await asyncio.shield(claim)
+            winner = await asyncio.shield(claim)
         except asyncio.CancelledError:
-            claim.add_done_callback(self._abandon)
+            # The caller left before it could send the warm: fail it, so that nobody holds on it.
+            claim.add_done_callback(lambda done: self._abandon(warm, done))
             raise
+        if winner is None:
+            return warm, True
+        self._spawn(self._follow(warm, winner))
+        return winner, False
 
-    async def _claim(self, tenant: str, prefix: Prefix, kind: Kind, replace: bool) -> tuple[Warm, bool]:
-        """Single flight across replicas: one atomic script claims the prefix in Redis and announces it."""
-        warm = new_warm(tenant, prefix, origin=self.replica_id, now=self._clock(), kind=kind,
-                        ttl_scale=self._mirror.ttl_scale)
+    def _claimed(self, uid: str, _claim: asyncio.Task[SharedWarm | None]) -> None:
+        self._claims.pop(uid, None)
+
+    async def _claim(self, warm: SharedWarm, replace: bool) -> SharedWarm | None:
+        """Share a warm this replica began: one atomic script claims the prefix in Redis and announces
+        it. Returns None when claimed (or when Redis could not be asked), else the warm that holds it."""
+        assert self._redis is not None
         n = len(warm.spec)
-        if self._healthy and self._redis is not None:
-            rec = orjson.dumps(to_record(warm, now=self._clock()))
-            timeout_ms = _ms(self._warm_timeout)
-            keys = [self._wkey(tenant, k) for k, _, _ in warm.spec] + [self._idkey(tenant, warm.prefix)]
-            args: list[bytes | str | int] = [timeout_ms, _ms(self._rewarm_margin), rec, self._channel,
-                                             announcement(rec, [timeout_ms] * n, claim=True), int(replace)]
-            try:
-                async with asyncio.timeout(self._op_timeout):
-                    res = await self._begin_script(keys=keys, args=args)
-                _honour_cancel()
-            except _ERRORS as exc:
-                self._fail("begin", exc)  # send it anyway: it is pushed once Redis answers
-            else:
-                if int(res[0]) == 0:
-                    with contextlib.suppress(*_RECORD_ERRORS):
-                        return await self._mirror.adopt(orjson.loads(res[1]), [float(res[2])] * n, claim=True), False
-                    # not a record of ours under our key: decide alone
-        self._mirror.claimed(warm)
-        if not self._healthy:
-            self._unsynced.add(warm.uid)
-        return warm, True
+        rec = orjson.dumps(to_record(warm, now=self._clock()))
+        px = _ms(self._warm_timeout + self._failed_ttl)
+        keys = [self._wkey(warm.tenant, k) for k, _, _ in warm.spec] + [self._idkey(warm.tenant, warm.prefix)]
+        args: list[bytes | str | int] = [px, _ms(self._rewarm_margin), _ms(self._failed_ttl), rec, self._channel,
+                                         announcement(rec, [px] * n), int(replace)]
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                res = await self._claim_script(keys=keys, args=args)
+            _honour_cancel()
+        except _ERRORS as exc:
+            self._unsynced.add(warm.uid)  # decided alone: pushed once Redis answers
+            self._fail("begin", exc)
+            return None
+        if int(res[0]) == 1:
+            return None
+        # Another warm holds the prefix in Redis: the fleet follows that one, and so does this mirror.
+        try:
+            winner = await self._mirror.adopt(orjson.loads(res[1]), [float(res[2])] * n, claim=True)
+        except _RECORD_ERRORS:
+            return None  # not a record of ours under our key: decide alone
+        return None if winner is warm else winner
 
-    def _abandon(self, claim: asyncio.Future[tuple[Warm, bool]]) -> None:
-        """The caller left before it could send the warm it claimed: fail it, so that nobody holds on it."""
-        if not claim.cancelled() and claim.exception() is None:
-            warm, started = claim.result()
-            if started:
-                self._spawn(self.settle(warm, State.FAILED, error="abandoned"))
+    def _abandon(self, warm: SharedWarm, claim: asyncio.Task[SharedWarm | None]) -> None:
+        """The caller of :meth:`begin` left while its claim was on its way: nothing will send ``warm``."""
+        winner = None if claim.cancelled() or claim.exception() is not None else claim.result()
+        if winner is None:
+            self._spawn(self.settle(warm, State.FAILED, error="abandoned"))
+        else:
+            self._spawn(self._follow(warm, winner))
+
+    async def _follow(self, warm: SharedWarm, winner: Warm) -> None:
+        """``warm`` lost its claim and is not sent: whoever joined it here settles with ``winner``."""
+        await winner._settled.wait()
+        await self._mirror.settle(warm, winner.state if winner.settled else State.FAILED, error=winner.error)
 
     async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
         if warm.settled:
@@ -303,6 +336,9 @@ class RedisRegistry:
         if self._healthy:
             try:
                 async with asyncio.timeout(self._op_timeout):
+                    claim = self._claims.get(warm.uid)
+                    if claim is not None:
+                        await asyncio.shield(claim)  # the begin reaches Redis before its settle
                     await self._push([warm])
             except _ERRORS as exc:
                 self._fail("settle", exc)
@@ -312,12 +348,14 @@ class RedisRegistry:
         warm = match.warm
         if warm.state is State.WARM and isinstance(warm, SharedWarm) and self._healthy:
             self._outbox.append((warm, match.key))  # written off the request path
+            self._outbox_empty.clear()
             self._outbox_ready.set()
 
     async def refreshed(self, warm: Warm) -> None:
         await self._mirror.refreshed(warm)
         if isinstance(warm, SharedWarm) and self._healthy:
             self._outbox.append((warm, None))
+            self._outbox_empty.clear()
             self._outbox_ready.set()
 
     async def get(self, tenant: str, prefix: str) -> tuple[Warm, float | None] | None:
@@ -343,7 +381,33 @@ class RedisRegistry:
             warm = await self._mirror.adopt(rec, [float(pttl)] * len(rec["k"]))
         except _RECORD_ERRORS:
             return None
-        return warm, self._clock() + pttl / 1000
+        return self._mirror.current(warm), self._clock() + pttl / 1000
+
+    async def sync(self) -> None:
+        """Return once this replica's changes are in Redis (claims, settles, touches) and every
+        announcement published before now has been applied here. A no-op while degraded.
+
+        After ``await a.sync()`` then ``await b.sync()``, replica ``b`` has seen all ``a`` did: the
+        point where a test (or an orderly hand-over) can read ``b`` and expect ``a``'s changes.
+        """
+        if not self._healthy or self._redis is None:
+            return
+        try:
+            async with asyncio.timeout(max(self._op_timeout, 1.0) * 5):
+                while self._claims:
+                    await asyncio.gather(*list(self._claims.values()), return_exceptions=True)
+                await self._outbox_empty.wait()
+                token = secrets.token_hex(8)
+                heard = self._barriers[token] = asyncio.get_running_loop().create_future()
+                try:
+                    barrier = orjson.dumps({"op": "b", "r": self.replica_id, "n": token})
+                    await self._redis.publish(self._channel, barrier)
+                    await heard  # our own subscription delivers it after everything published before
+                finally:
+                    self._barriers.pop(token, None)
+            _honour_cancel()
+        except _ERRORS as exc:
+            self._fail("sync", exc)
 
     # -- writing to Redis ----------------------------------------------------------------------------
     def _wkey(self, tenant: str, chain: bytes) -> str:
@@ -392,6 +456,7 @@ class RedisRegistry:
             batch = list(self._outbox)
             self._outbox.clear()
             if not batch or not self._healthy or self._redis is None:
+                self._outbox_empty.set()
                 continue
             try:
                 async with asyncio.timeout(max(self._op_timeout, 1.0)), \
@@ -406,11 +471,20 @@ class RedisRegistry:
                     await pipe.execute()
             except _ERRORS as exc:
                 self._fail("touch", exc)
+            finally:
+                if not self._outbox:
+                    self._outbox_empty.set()
 
     # -- reading from Redis --------------------------------------------------------------------------
     async def _on_message(self, data: bytes) -> None:
         try:
-            await self._mirror.apply(orjson.loads(data))
+            msg = orjson.loads(data)
+            if isinstance(msg, dict) and msg.get("op") == "b" and msg.get("r") == self.replica_id:
+                heard = self._barriers.get(str(msg.get("n")))
+                if heard is not None and not heard.done():
+                    heard.set_result(None)
+                return
+            await self._mirror.apply(msg)
         except _RECORD_ERRORS as exc:
             log.debug("ignored a malformed message on %s: %s", self._channel, type(exc).__name__)
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-from cachetools import TTLCache
 
 from specproxy.prefix import TTL_SECONDS, Prefix, prefix_id
 from specproxy.registry.memory import MemoryRegistry
-from specproxy.registry.model import Entry, Kind, Match, State, Warm
+from specproxy.registry.model import Kind, Match, State, Warm
+from specproxy.registry.table import Table
 
 LOST_GRACE: Final = 5.0  # seconds past warm_timeout before an unannounced remote warm is given up
 
@@ -113,10 +113,14 @@ def from_record(rec: dict[str, Any], *, now: float, wall: float | None = None) -
     return warm
 
 
-def announcement(rec: bytes, remaining_ms: Sequence[int], *, claim: bool = False) -> bytes:
-    """A record as announced: plus ``x``, each key's ms left (for first-time receivers), and ``c`` when
-    the warm has just been given the prefix (receivers let it take the longest key)."""
-    return rec[:-1] + b',"x":' + orjson.dumps(list(remaining_ms)) + (b',"c":1}' if claim else b"}")
+def announcement(rec: bytes, remaining_ms: Sequence[int]) -> bytes:
+    """A record as announced: plus ``x``, each key's ms left (for first-time receivers).
+
+    The claim script adds ``c``, which keys it gave the warm (``[1, 0, 1]``: one flag per key, in
+    order; receivers take exactly those); a replica of an earlier version sent ``"c": 1`` (the
+    longest key only).
+    """
+    return rec[:-1] + b',"x":' + orjson.dumps(list(remaining_ms)) + b"}"
 
 
 def note(replica: str, warm: SharedWarm, key: bytes | None) -> bytes:
@@ -136,9 +140,10 @@ def apply_outcome(warm: Warm, rec: dict[str, Any]) -> None:
 class Mirror(MemoryRegistry):
     """This replica's view of every live warm of the fleet: its own, and those it adopted from others.
 
-    Besides the entries of a :class:`MemoryRegistry` it indexes warms by uid, adopts records (a
-    known warm only ever moves forward: ``warming`` to settled), and gives up on a remote warm
-    that never announces its outcome (its replica died) ``warm_timeout`` plus a grace after it began.
+    Besides the entries of a :class:`MemoryRegistry` it indexes warms by uid, begins its own warms as
+    :class:`SharedWarm`, adopts records (a known warm only ever moves forward: ``warming`` to
+    settled), and gives up on a remote warm that never announces its outcome (its replica died)
+    ``warm_timeout`` plus a grace after it began.
     """
 
     def __init__(
@@ -151,65 +156,82 @@ class Mirror(MemoryRegistry):
         rewarm_margin: float,
         ttl_scale: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        max_entries_per_tenant: int | None = None,
     ) -> None:
         super().__init__(max_entries=max_entries, warm_timeout=warm_timeout, failed_ttl=failed_ttl,
-                         rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock)
+                         rewarm_margin=rewarm_margin, ttl_scale=ttl_scale, clock=clock,
+                         max_entries_per_tenant=max_entries_per_tenant)
         self.ttl_scale = ttl_scale
         self.replica = replica
-        self._by_uid: TTLCache[str, SharedWarm] = TTLCache(
-            maxsize=max_entries, ttl=TTL_SECONDS["1h"] + warm_timeout, timer=clock
+        per_tenant = min(max_entries_per_tenant, max_entries) if max_entries_per_tenant else None
+        # uid → warm, as long as the warm's longest-lived entry (bounded like the entries).
+        self._by_uid: Table[str, SharedWarm] = Table(
+            maxsize=max_entries, per_tenant=per_tenant, clock=clock,
+            expires=lambda w: w.expires_at, tenant=lambda w: w.tenant,
         )
         self._lost: dict[str, asyncio.TimerHandle] = {}
-        self._giving_up: set[asyncio.Task[None]] = set()
 
     # -- lookups -----------------------------------------------------------------------------------
-    def entry(self, key: bytes) -> Entry | None:
-        """The live entry at chain value ``key``."""
-        return self._entries.get(key)
-
-    def worth_rewarming(self, entry: Entry, now: float) -> bool:
-        """True when a /prewarm may replace ``entry`` (a warm entry within the margin of expiry)."""
-        return self._worth_rewarming(entry, now)
-
     def own(self, uids: Iterable[str]) -> list[SharedWarm]:
         """The warms among ``uids`` this replica still knows."""
         return [warm for uid in list(uids) if (warm := self._by_uid.get(uid)) is not None]
 
     def known(self) -> list[SharedWarm]:
-        """Every warm this replica knows, read at one instant (none can expire mid-read)."""
-        with self._by_uid.timer:
-            self._by_uid.expire()
-            return list(self._by_uid.values())
+        """Every warm this replica knows, read at one instant."""
+        return self._by_uid.values()
 
     def remaining(self, warm: SharedWarm, key: bytes, ttl: float, now: float) -> float:
         """Seconds ``warm``'s entry at ``key`` has left: this mirror's view, else what its state implies."""
-        entry = self._entries.get(key)
+        entry = self._entries.get(key, now)
         if entry is not None and entry.warm is warm:
             return entry.expires_at - now
         if warm.state is State.WARMING:
-            return warm.started_at + self._warm_timeout - now
+            return warm.started_at + self._warm_timeout + self._failed_ttl - now
         if warm.state is State.FAILED:
             return (warm.settled_at or now) + self._failed_ttl - now
         return max(warm.started_at, warm.last_used or 0.0) + ttl - now
 
-    # -- changes -----------------------------------------------------------------------------------
-    def claimed(self, warm: SharedWarm) -> None:
-        """This replica won the single flight for ``warm`` (or decided alone, degraded): register it."""
-        self._by_uid[warm.uid] = warm
-        self.install(warm, [warm.started_at + self._warm_timeout] * len(warm.spec), claim_last=True)
+    def current(self, warm: Warm) -> Warm:
+        """``warm`` as it reads now: failed if it has been warming longer than warm_timeout."""
+        self._check_timeout(warm, self._clock())
+        return warm
 
-    async def adopt(self, rec: dict[str, Any], remaining_ms: Sequence[float], *, claim: bool = False) -> SharedWarm:
+    # -- changes -----------------------------------------------------------------------------------
+    def _new_warm(self, tenant: str, prefix: Prefix, kind: Kind, now: float) -> SharedWarm:
+        return new_warm(tenant, prefix, origin=self.replica, now=now, kind=kind, ttl_scale=self.ttl_scale)
+
+    def _track(self, warm: Warm) -> None:
+        if isinstance(warm, SharedWarm):
+            self._by_uid.put(warm.uid, warm)
+
+    async def adopt(
+        self,
+        rec: dict[str, Any],
+        remaining_ms: Sequence[float],
+        *,
+        taken: Sequence[bool] | None = None,
+        claim: bool = False,
+    ) -> SharedWarm:
         """Make a record known here and return its warm; ``remaining_ms`` is each key's time left.
 
-        A new warm is installed (``claim``: it takes the longest key, Redis having just given it the
-        prefix); a known one only moves forward, releasing its holders when the record is settled.
+        A new warm is installed: at exactly the keys Redis gave it (``taken``), else, when Redis has
+        just given it the prefix (``claim``), at its longest key and where the single-flight rule
+        lets it take the others, else only where the rule lets it. A known warm only moves forward,
+        releasing its holders when the record is settled.
         """
         now = self._clock()
         warm = self._by_uid.get(str(rec["u"]))
         if warm is None:
             warm = from_record(rec, now=now)
-            self._by_uid[warm.uid] = warm
-            self.install(warm, [now + r / 1000 for r in remaining_ms], claim_last=claim)
+            n = len(warm.spec)
+            force: list[bool | None] | None = None
+            if taken is not None:
+                if len(taken) != n:
+                    raise ValueError("one flag per key")
+                force = [bool(t) for t in taken]
+            elif claim:
+                force = [*([None] * (n - 1)), True]
+            self._install(warm, warm.spec, [now + r / 1000 for r in remaining_ms], force=force)
             if not warm.settled:
                 delay = warm.started_at + self._warm_timeout + LOST_GRACE - now
                 self._lost[warm.uid] = asyncio.get_running_loop().call_later(delay, self._give_up, warm)
@@ -229,14 +251,18 @@ class Mirror(MemoryRegistry):
             return
         op = msg.get("op")
         if op is None:
-            await self.adopt(msg, [float(x) for x in msg["x"]], claim=bool(msg.get("c")))
+            c = msg.get("c")
+            taken = [bool(t) for t in c] if isinstance(c, list) else None
+            await self.adopt(msg, [float(x) for x in msg["x"]], taken=taken, claim=bool(c))
             return
+        if op not in ("f", "t"):
+            return  # a barrier (see RedisRegistry.sync) or an operation of a later version
         warm = self._by_uid.get(msg["u"])
         if warm is None:
             return
         if op == "f":
             await self.refreshed(warm)
-        elif op == "t":
+        else:
             key = bytes.fromhex(msg["k"])
             entry = self._entries.get(key)
             if entry is not None and entry.warm is warm:
@@ -245,57 +271,13 @@ class Mirror(MemoryRegistry):
     def _give_up(self, warm: SharedWarm) -> None:
         self._lost.pop(warm.uid, None)
         if not warm.settled:
-            task = asyncio.get_running_loop().create_task(self.settle(warm, State.FAILED, error="lost"))
-            self._giving_up.add(task)
-            task.add_done_callback(self._giving_up.discard)
+            self._settle_now(warm, State.FAILED, "lost", self._clock())
 
-    async def touch(self, match: Match) -> None:
-        await super().touch(match)
-        self._keep(match.warm)
-
-    async def refreshed(self, warm: Warm) -> None:
-        await super().refreshed(warm)
-        self._keep(warm)
-
-    def _keep(self, warm: Warm) -> None:
-        """A warm in use stays known as long as its entries live (re-inserting restarts its TTL)."""
-        if isinstance(warm, SharedWarm) and self._by_uid.get(warm.uid) is warm:
-            self._by_uid[warm.uid] = warm
-
-    async def settle(self, warm: Warm, state: State, *, error: str | None = None) -> None:
+    def _settled(self, warm: Warm) -> None:
         if isinstance(warm, SharedWarm):
             handle = self._lost.pop(warm.uid, None)
             if handle is not None:
                 handle.cancel()
-        await super().settle(warm, state, error=error)
-
-    def install(self, warm: SharedWarm, expiries: Sequence[float], *, claim_last: bool = False) -> None:
-        """Register ``warm`` at each breakpoint of its spec, to expire at ``expiries`` (local clock).
-
-        A key already held by another warm that is in flight, or warm and not near expiry, keeps
-        it (as :meth:`MemoryRegistry.begin` keeps earlier breakpoints); ``claim_last`` takes the
-        longest key regardless.
-        """
-        now = self._clock()
-        taken: list[tuple[bytes, Entry]] = []
-        last = len(warm.spec) - 1
-        for i, ((key, position, ttl), expires_at) in enumerate(zip(warm.spec, expiries, strict=True)):
-            if expires_at <= now:
-                continue
-            current = self._entries.get(key)
-            if current is not None and current.warm is not warm and not (claim_last and i == last):
-                held = current.warm.state
-                if held is State.WARMING or (held is State.WARM and not self._worth_rewarming(current, now)):
-                    continue
-            entry = Entry(warm, position, ttl, expires_at)
-            self._store(key, entry)
-            taken.append((key, entry))
-        if not warm.settled:
-            self._keys_of[id(warm)] = taken
-        warm.keys = [key for key, _ in taken]
-        longest = warm.spec[-1][0]
-        if longest in warm.keys or warm.prefix not in self._by_id:
-            self._by_id[warm.prefix] = (warm, longest)
 
     async def close(self) -> None:
         """Shutdown: as :meth:`MemoryRegistry.close`, wake every waiter (remote warms too) without settling."""

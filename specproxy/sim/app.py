@@ -16,6 +16,7 @@ from aiohttp import web
 
 from specproxy.errors import STATUS_ERROR_TYPES, SpecproxyError, error_response, new_request_id
 from specproxy.serving import serve_forever
+from specproxy.sim import engines
 from specproxy.sim import messages as v1
 from specproxy.sim.cache import Clock
 from specproxy.sim.gates import SimClosing
@@ -39,8 +40,10 @@ def _observed(request: web.Request) -> bool:
 
 @web.middleware
 async def sim_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the request an id and a log record, read its body once, render errors."""
+    """Give the request an id and a log record, read its body once, render errors (in the
+    engine's shape under an engine dialect)."""
     state = request.app[SIM_STATE]
+    dialect = state.profile.dialect
     rid = new_request_id()
     request[REQUEST_ID] = rid
     if _observed(request):
@@ -54,14 +57,18 @@ async def sim_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                 request[LOG_ENTRY]["size"] = len(body)
                 request[LOG_ENTRY]["sha256"] = v1.body_digest(body)
         return await handler(request)
-    except SpecproxyError as exc:
+    except (SpecproxyError, engines.EngineError) as exc:
         request.pop(PLAN, None)
+        if dialect != "anthropic" or isinstance(exc, engines.EngineError):
+            return engines.render(dialect, exc)
         return error_response(exc.status, exc.error_type, exc.message, request_id=rid, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         request.pop(PLAN, None)
         message = _TOO_LARGE if exc.status == 413 else (exc.reason or "Error")
+        if dialect != "anthropic":
+            return engines.error_response(dialect, exc.status, message)
         return error_response(exc.status, STATUS_ERROR_TYPES.get(exc.status, "api_error"), message,
                               request_id=rid)
     except SimClosing:
@@ -72,13 +79,16 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     """The response begins: stamp headers, make the request's cache writes readable, log it."""
     if request.get(ABORTED):
         return
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers.setdefault("request-id", rid)
-    if request.path.startswith("/v1/"):
-        for name, value in ratelimit_headers().items():
-            response.headers.setdefault(name, value)
     state = request.app[SIM_STATE]
+    if state.profile.dialect != "anthropic":
+        response.headers["Server"] = engines.SERVER_HEADER[state.profile.dialect]
+    else:
+        rid = request.get(REQUEST_ID)
+        if rid is not None:
+            response.headers.setdefault("request-id", rid)
+        if request.path.startswith("/v1/"):
+            for name, value in ratelimit_headers().items():
+                response.headers.setdefault(name, value)
     plan = request.get(PLAN)
     if plan is not None:
         state.commit(plan)
@@ -147,10 +157,13 @@ def create_sim_app(
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/", root)
     app.router.add_get("/healthz", healthz)
-    app.router.add_post("/v1/messages", v1.messages)
-    app.router.add_post("/v1/messages/count_tokens", v1.count_tokens)
-    app.router.add_get("/v1/models", v1.list_models)
-    app.router.add_get("/v1/models/{model_id}", v1.get_model)
+    if profile.dialect == "anthropic":
+        app.router.add_post("/v1/messages", v1.messages)
+        app.router.add_post("/v1/messages/count_tokens", v1.count_tokens)
+        app.router.add_get("/v1/models", v1.list_models)
+        app.router.add_get("/v1/models/{model_id}", v1.get_model)
+    else:
+        engines.add_routes(app, profile.dialect)
     app.router.add_get("/_sim/stats", sim_stats)
     app.router.add_post("/_sim/reset", sim_reset)
     app.router.add_get("/_sim/requests", sim_requests)
@@ -162,5 +175,5 @@ def create_sim_app(
 def run_sim_server(host: str, port: int, profile: SimProfile) -> None:
     """Run the simulator until SIGINT/SIGTERM (``specproxy sim``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    log.info("time scale %s; %d models", profile.time_scale, len(profile.models))
+    log.info("dialect %s; time scale %s; %d models", profile.dialect, profile.time_scale, len(profile.models))
     serve_forever(lambda: create_sim_app(profile), host, port, banner="specproxy sim")

@@ -1,4 +1,4 @@
-"""The prompt cache engine: lookback reads, writes at breakpoints, TTLs, tenants, and the rule
+"""The prompt cache engine: lookback reads, writes at breakpoints, TTLs, workspaces, and the rule
 that a new entry becomes readable only once the response that writes it has begun.
 
 A request is looked up when it arrives (:meth:`PromptCache.plan`): the plan says what it reads,
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from specproxy.sim.prompt import Prompt, Ttl
 
 Clock = Callable[[], float]
-EntryKey = tuple[str, bytes]  # (tenant digest, prefix key)
+EntryKey = tuple[str, bytes]  # (workspace, prefix key)
 
 
 @dataclass(slots=True)
@@ -68,10 +68,15 @@ class CachePlan:
     read_position: int  # -1: nothing read
     writes: list[tuple[bytes, float]] = field(default_factory=list)  # (prefix key, TTL seconds)
     committed: bool = False
+    workspace: str = ""  # whose entries: the cache is isolated per workspace ("" = the tenant's own)
+
+    @property
+    def owner(self) -> str:
+        return self.workspace or self.tenant
 
 
 class PromptCache:
-    """Entries per (tenant, prefix key), bounded in number; the oldest touched is dropped first."""
+    """Entries per (workspace, prefix key), bounded in number; the oldest touched is dropped first."""
 
     def __init__(self, *, clock: Clock, max_entries: int, lookback: int, ttl_5m_s: float, ttl_1h_s: float) -> None:
         self._clock = clock
@@ -95,23 +100,25 @@ class PromptCache:
             return None
         return entry
 
-    def contains(self, tenant: str, prefix_key: bytes) -> bool:
-        """Whether ``tenant`` has a readable entry for ``prefix_key`` now."""
-        return self._readable((tenant, prefix_key), self._clock()) is not None
+    def contains(self, workspace: str, prefix_key: bytes) -> bool:
+        """Whether ``workspace`` has a readable entry for ``prefix_key`` now."""
+        return self._readable((workspace, prefix_key), self._clock()) is not None
 
-    def plan(self, tenant: str, prompt: Prompt, *, min_tokens: int) -> CachePlan:
-        """Look ``prompt`` up for ``tenant`` at arrival; refresh what it reads, plan what it writes."""
+    def plan(self, tenant: str, prompt: Prompt, *, min_tokens: int, workspace: str = "") -> CachePlan:
+        """Look ``prompt`` up in ``workspace``'s entries (default: the tenant's own) at arrival;
+        refresh what it reads, plan what it writes."""
+        owner = workspace or tenant
         now = self._clock()
         hit = -1
         for bp in prompt.breakpoints:
-            for pos in range(bp.position, max(bp.position - self._lookback, -1), -1):
+            for pos in prompt.lookback_blocks(bp.position, self._lookback):
                 if pos <= hit:
                     break
-                if self._readable((tenant, prompt.keys[pos]), now) is not None:
+                if self._readable((owner, prompt.keys[pos]), now) is not None:
                     hit = pos
                     break
         if hit >= 0:
-            key = (tenant, prompt.keys[hit])
+            key = (owner, prompt.keys[hit])
             entry = self._entries[key]
             entry.expires_at = max(entry.expires_at, now + entry.ttl_s)
             self._entries.move_to_end(key)
@@ -136,6 +143,7 @@ class PromptCache:
             usage=usage,
             read_position=hit,
             writes=[(prompt.keys[bp.position], self._ttl[bp.ttl]) for bp in written],
+            workspace=workspace,
         )
 
     def commit(self, plan: CachePlan) -> int:
@@ -144,7 +152,7 @@ class PromptCache:
             return 0
         plan.committed = True
         for prefix_key, ttl_s in plan.writes:
-            key = (plan.tenant, prefix_key)
+            key = (plan.owner, prefix_key)
             expires_at = plan.started_at + ttl_s
             entry = self._entries.get(key)
             if entry is None:

@@ -1,8 +1,9 @@
 """The ``/v1/*`` handlers: Messages (JSON and SSE), count_tokens, models, and injected faults,
 with the typed app and request keys and the ``x-sim-*`` header names they use.
 
-A Messages request goes: credential and version checks → body checks → faults → cache lookup
-(at arrival) → gate → prefill delay → response. The cache writes it plans become readable when
+A Messages request goes: credential and version checks → body checks (shape, model, breakpoints,
+conversation rules) → faults → cache lookup in its workspace (at arrival) → gate → prefill delay →
+response. The cache writes it plans become readable when
 its response begins (the app's ``on_response_prepare`` hook commits them), so a request whose
 response never begins (stall, disconnect before any byte) writes nothing.
 """
@@ -21,12 +22,14 @@ from specproxy.errors import (
     InvalidRequest,
     NotFound,
     Overloaded,
+    PermissionDenied,
     RateLimited,
     RequestTooLarge,
     SpecproxyError,
 )
 from specproxy.sim import response as out
 from specproxy.sim.cache import CachePlan, Usage
+from specproxy.sim.conversation import check_conversation
 from specproxy.sim.profile import ModelSpec
 from specproxy.sim.prompt import Prompt, build_prompt
 from specproxy.sim.state import SimState, tenant_digest
@@ -45,6 +48,7 @@ FAULT_HEADER: Final = "x-sim-fault"
 GATE_HEADER: Final = "x-sim-gate"
 DELAY_HEADER: Final = "x-sim-delay-ms"
 REPLY_TOKENS_HEADER: Final = "x-sim-reply-tokens"
+WORKSPACE_HEADER: Final = "anthropic-workspace-id"  # the SDKs' workspace_id parameter
 
 FAULTS: Final = frozenset({"overloaded", "rate_limit", "api_error", "disconnect_mid_stream", "stall"})
 
@@ -81,6 +85,20 @@ def authenticate(request: web.Request) -> str:
     if entry is not None:
         entry["tenant"] = tenant
     return tenant
+
+
+def workspace(request: web.Request, state: SimState, tenant: str) -> str:
+    """The workspace whose cache the request uses (the cache is isolated per workspace). A
+    credential the profile assigns to a workspace may name only that one in the header."""
+    requested = request.headers.get(WORKSPACE_HEADER) or None
+    assigned = state.profile.workspace_of(tenant)
+    if assigned is not None and requested is not None and requested != assigned:
+        raise PermissionDenied(f"{WORKSPACE_HEADER}: this credential does not belong to workspace {requested}")
+    ws = state.workspace_for(tenant, requested)
+    entry = request.get(LOG_ENTRY)
+    if entry is not None:
+        entry["workspace"] = ws
+    return ws
 
 
 def _int_header(request: web.Request, name: str) -> int | None:
@@ -142,6 +160,7 @@ class _Call:
 
     state: SimState
     tenant: str
+    workspace: str
     req: MessagesRequest
     spec: ModelSpec
     prompt: Prompt
@@ -152,8 +171,9 @@ async def _accept(request: web.Request, *, count_only: bool) -> _Call:
     """Credential, version, body, model and breakpoint checks, then any immediate fault."""
     state = request.app[SIM_STATE]
     tenant = authenticate(request)
+    ws = workspace(request, state, tenant)
     if not count_only:
-        state.count_request(tenant)
+        state.count_request(tenant, ws)
     entry = request[LOG_ENTRY]
     entry["fault"] = request.headers.get(FAULT_HEADER)
     entry["gate"] = request.headers.get(GATE_HEADER)
@@ -164,8 +184,10 @@ async def _accept(request: web.Request, *, count_only: bool) -> _Call:
     spec = _model(state, req)
     profile = state.profile
     prompt = build_prompt(req, spec.id, profile.volatile_system_prefixes, profile.max_breakpoints)
+    if not count_only:
+        check_conversation(req, spec)
     fault = await _fault(request, state)
-    return _Call(state, tenant, req, spec, prompt, fault)
+    return _Call(state, tenant, ws, req, spec, prompt, fault)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
@@ -180,7 +202,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     state, profile, req = call.state, call.state.profile, call.req
     wanted = _int_header(request, REPLY_TOKENS_HEADER)
     delay_ms = _int_header(request, DELAY_HEADER)
-    plan = state.cache.plan(call.tenant, call.prompt, min_tokens=call.spec.min_cache_tokens)
+    plan = state.cache.plan(call.tenant, call.prompt, min_tokens=call.spec.min_cache_tokens,
+                            workspace=call.workspace)
     request[PLAN] = plan
     usage = plan.usage
     log_usage = request[LOG_ENTRY]["usage"] = usage.as_dict(0)
@@ -228,6 +251,8 @@ def _model_info(spec: ModelSpec) -> dict[str, Any]:
         "display_name": spec.display_name,
         "created_at": spec.created_at,
         "lifecycle": "active",
+        "max_input_tokens": spec.max_input_tokens,
+        "max_tokens": spec.max_output_tokens,
     }
 
 

@@ -17,49 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from specproxy.sim.capabilities import DEFAULT_MODELS, CapabilityError, ModelSpec, load_models_file, merge_models
 
-class ProfileError(ValueError):
+__all__ = ["DEFAULT_MODELS", "DIALECTS", "ModelSpec", "ProfileError", "SimProfile", "load_profile",
+           "profile_from_mapping"]
+
+class ProfileError(CapabilityError):
     """A profile value is invalid; the message names the key and what is accepted."""
 
 
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """One model the simulator serves: its id, aliases, listing fields and cache minimum."""
-
-    id: str
-    display_name: str
-    created_at: str
-    min_cache_tokens: int
-    aliases: tuple[str, ...] = ()
-
-
-# The ONE table of models and their minimum cacheable prompt length (tokens). The minimums follow
-# the facts page: 1024 for Sonnet 4.5/4, Opus 4/4.1, Sonnet 3.7; 2048 for Sonnet 4.6 and Haiku 3.5;
-# 4096 for Opus 4.5+ and Haiku 4.5. A profile file may change or extend it under [models."<id>"].
-DEFAULT_MODELS: Final[tuple[ModelSpec, ...]] = (
-    ModelSpec("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05T00:00:00Z", 4096),
-    ModelSpec("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z", 2048),
-    ModelSpec("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", 4096, ("claude-opus-4-5",)),
-    ModelSpec(
-        "claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", 4096, ("claude-haiku-4-5",)
-    ),
-    ModelSpec(
-        "claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", 1024, ("claude-sonnet-4-5",)
-    ),
-    ModelSpec("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z", 1024, ("claude-opus-4-1",)),
-    ModelSpec("claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z", 1024, ("claude-opus-4-0",)),
-    ModelSpec(
-        "claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z", 1024, ("claude-sonnet-4-0",)
-    ),
-    ModelSpec(
-        "claude-3-7-sonnet-20250219", "Claude Sonnet 3.7", "2025-02-24T00:00:00Z", 1024,
-        ("claude-3-7-sonnet-latest",),
-    ),
-    ModelSpec(
-        "claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z", 2048,
-        ("claude-3-5-haiku-latest",),
-    ),
-)
+DIALECTS: Final = ("anthropic", "vllm", "sglang", "llamacpp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +53,13 @@ class SimProfile:
     lookback: int = 20
     max_breakpoints: int = 4
     volatile_system_prefixes: tuple[str, ...] = ("x-anthropic-billing-header:",)
+    # --- workspaces: credential digest -> workspace id (a credential not listed is its own workspace) ---
+    workspaces: tuple[tuple[str, str], ...] = ()
+    # --- the dialect: the Anthropic API, or an inference engine's /v1/messages (docs/simulator.md) ---
+    dialect: str = "anthropic"
+    cache_report: bool = False  # the engine's usage reporting flag (vLLM, SGLang)
+    engine_block_tokens: int = 0  # prefix-cache granularity in tokens; 0: the engine's default
+    engine_slots: int = 1  # llama.cpp slots (--parallel)
     # --- limits ---
     max_body_bytes: int = 32 * 1024 * 1024
     max_cache_entries: int = 100_000
@@ -106,6 +80,12 @@ class SimProfile:
                 raise ProfileError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         if self.reply_tokens < 0:
             raise ProfileError(f"reply_tokens: must be >= 0, got {self.reply_tokens!r}")
+        if self.engine_block_tokens < 0:
+            raise ProfileError(f"engine_block_tokens: must be >= 0, got {self.engine_block_tokens!r}")
+        if self.engine_slots < 1:
+            raise ProfileError(f"engine_slots: must be >= 1, got {self.engine_slots!r}")
+        if self.dialect not in DIALECTS:
+            raise ProfileError(f"dialect: must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
         if not self.models:
             raise ProfileError("models: at least one model is required")
 
@@ -126,6 +106,21 @@ class SimProfile:
             + cached_tokens / self.cached_tokens_per_s
         )
 
+    @property
+    def block_tokens(self) -> int:
+        """The engine's prefix-cache granularity: ``engine_block_tokens``, else the engine's default
+        (vLLM 16, SGLang 1, llama.cpp 1)."""
+        if self.engine_block_tokens:
+            return self.engine_block_tokens
+        return 16 if self.dialect == "vllm" else 1
+
+    def workspace_of(self, tenant: str) -> str | None:
+        """The workspace a credential digest belongs to, if the profile assigns one."""
+        for digest, workspace in self.workspaces:
+            if digest == tenant:
+                return workspace
+        return None
+
     def model_index(self) -> dict[str, ModelSpec]:
         """Every accepted model name (ids and aliases) mapped to its spec."""
         index: dict[str, ModelSpec] = {}
@@ -136,12 +131,15 @@ class SimProfile:
         return index
 
 
-_SCALARS: Final = {
-    f.name: f.type for f in dataclasses.fields(SimProfile) if f.name not in ("models", "volatile_system_prefixes")
-}
+_SPECIAL: Final = ("models", "volatile_system_prefixes", "workspaces", "dialect")
+_SCALARS: Final = {f.name: f.type for f in dataclasses.fields(SimProfile) if f.name not in _SPECIAL}
 
 
-def _number(key: str, value: Any, kind: str) -> float | int:
+def _number(key: str, value: Any, kind: str) -> float | int | bool:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ProfileError(f"{key}: expected true or false, got {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProfileError(f"{key}: expected a number, got {value!r}")
     if kind == "int":
@@ -153,37 +151,25 @@ def _number(key: str, value: Any, kind: str) -> float | int:
 
 def _models(raw: Any, base: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
     """Merge a ``[models."<id or alias>"]`` table into the model table."""
+    try:
+        return merge_models(raw, base)
+    except CapabilityError as exc:
+        raise ProfileError(str(exc)) from exc
+
+
+def _workspaces(raw: Any) -> tuple[tuple[str, str], ...]:
+    """``[workspaces]`` maps a workspace id to the credentials that belong to it; only their digests
+    are kept (the simulator never stores a credential)."""
+    from specproxy.sim.state import tenant_digest
+
     if not isinstance(raw, Mapping):
-        raise ProfileError("models: expected a table of tables keyed by model id")
-    specs = list(base)
-    for name, fields in raw.items():
-        if not isinstance(fields, Mapping):
-            raise ProfileError(f"models.{name}: expected a table")
-        unknown = set(fields) - {"display_name", "created_at", "min_cache_tokens", "aliases"}
-        if unknown:
-            raise ProfileError(f"models.{name}: unknown key(s) {', '.join(sorted(unknown))}")
-        pos = next((i for i, s in enumerate(specs) if name == s.id or name in s.aliases), None)
-        spec = specs[pos] if pos is not None else ModelSpec(name, name, "2025-01-01T00:00:00Z", 1024)
-        changes: dict[str, Any] = {}
-        if "min_cache_tokens" in fields:
-            changes["min_cache_tokens"] = int(_number(f"models.{name}.min_cache_tokens",
-                                                      fields["min_cache_tokens"], "int"))
-        for key in ("display_name", "created_at"):
-            if key in fields:
-                if not isinstance(fields[key], str):
-                    raise ProfileError(f"models.{name}.{key}: expected a string")
-                changes[key] = fields[key]
-        if "aliases" in fields:
-            aliases = fields["aliases"]
-            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-                raise ProfileError(f"models.{name}.aliases: expected a list of strings")
-            changes["aliases"] = tuple(aliases)
-        spec = dataclasses.replace(spec, **changes)
-        if pos is None:
-            specs.append(spec)
-        else:
-            specs[pos] = spec
-    return tuple(specs)
+        raise ProfileError("workspaces: expected a table of workspace id = [credentials]")
+    out: list[tuple[str, str]] = []
+    for workspace, keys in raw.items():
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+            raise ProfileError(f"workspaces.{workspace}: expected a list of credentials")
+        out.extend((tenant_digest(k), str(workspace)) for k in keys)
+    return tuple(out)
 
 
 def profile_from_mapping(raw: Mapping[str, Any], base: SimProfile | None = None) -> SimProfile:
@@ -193,19 +179,33 @@ def profile_from_mapping(raw: Mapping[str, Any], base: SimProfile | None = None)
     for key, value in raw.items():
         if key == "models":
             changes["models"] = _models(value, base.models)
+        elif key == "workspaces":
+            changes["workspaces"] = _workspaces(value)
+        elif key == "dialect":
+            if value not in DIALECTS:
+                raise ProfileError(f"dialect: must be one of {', '.join(DIALECTS)}, got {value!r}")
+            changes[key] = value
         elif key == "volatile_system_prefixes":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ProfileError("volatile_system_prefixes: expected a list of strings")
             changes[key] = tuple(value)
         elif key in _SCALARS:
-            changes[key] = _number(key, value, "int" if _SCALARS[key] == "int" else "float")
+            changes[key] = _number(key, value, str(_SCALARS[key]))
         else:
             raise ProfileError(f"{key}: unknown profile key")
     return dataclasses.replace(base, **changes)
 
 
-def load_profile(path: str | Path | None = None, *, time_scale: float | None = None) -> SimProfile:
-    """The profile for ``specproxy sim``: defaults, then the TOML file at ``path``, then ``time_scale``."""
+def load_profile(
+    path: str | Path | None = None,
+    *,
+    time_scale: float | None = None,
+    dialect: str | None = None,
+    cache_report: bool | None = None,
+    models: str | Path | None = None,
+) -> SimProfile:
+    """The profile for ``specproxy sim``: defaults, then the TOML file at ``path``, then the flags
+    (``--time-scale``, ``--dialect``, ``--cache-report``, ``--models FILE``)."""
     profile = SimProfile()
     if path is not None:
         try:
@@ -216,6 +216,16 @@ def load_profile(path: str | Path | None = None, *, time_scale: float | None = N
         except tomllib.TOMLDecodeError as exc:
             raise ProfileError(f"profile {path} is not valid TOML: {exc}") from exc
         profile = profile_from_mapping(raw, profile)
+    changes: dict[str, Any] = {}
+    if models is not None:
+        try:
+            changes["models"] = load_models_file(models, profile.models)
+        except CapabilityError as exc:
+            raise ProfileError(str(exc)) from exc
     if time_scale is not None:
-        profile = dataclasses.replace(profile, time_scale=float(time_scale))
-    return profile
+        changes["time_scale"] = float(time_scale)
+    if dialect is not None:
+        changes["dialect"] = dialect
+    if cache_report is not None:
+        changes["cache_report"] = cache_report
+    return dataclasses.replace(profile, **changes)

@@ -6,7 +6,10 @@ every message (with its message's index and role). Position ``i``'s key is a SHA
 everything up to and including block ``i``, rooted in the model; the level invalidators are folded
 in where their level starts (system level: ``speed``, web search and citations toggles; messages
 level: ``tool_choice``, ``thinking``, whether any image is present), so that changing them leaves
-earlier levels' keys unchanged. ``cache_control`` is not part of any key. System text blocks
+earlier levels' keys unchanged. ``cache_control`` is not part of any key. Each block also has a
+lookback position: a run of consecutive ``tool_use`` blocks is one position, and so is a run of
+consecutive ``tool_result`` blocks (the prompt-caching page: "On the Claude API, a run of
+consecutive ``tool_use`` blocks counts as one position"). System text blocks
 starting with a volatile prefix (Claude Code's ``x-anthropic-billing-header:``) keep their place
 and their tokens but add nothing to the key, like the real API evidently does.
 
@@ -29,6 +32,7 @@ Ttl = Literal["5m", "1h"]
 
 _ROOT: Final = b"specproxy-sim/1\x00"
 _INELIGIBLE_TYPES: Final = frozenset({"thinking", "redacted_thinking"})
+_RUN_TYPES: Final = frozenset({"tool_use", "tool_result"})  # a run of one of these is one lookback position
 _TTL_ORDER_TAIL: Final = (
     "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
     "Note that blocks are processed in the following order: `tools`, `system`, `messages`."
@@ -50,6 +54,18 @@ class Prompt:
     keys: tuple[bytes, ...]  # keys[i]: identity of the prefix ending at block i
     cumulative: tuple[int, ...]  # cumulative[i]: tokens of blocks 0..i
     breakpoints: tuple[Breakpoint, ...]  # sorted by position, one per position
+    groups: tuple[int, ...] = ()  # groups[i]: lookback position of block i (runs of tool blocks share one)
+
+    def lookback_blocks(self, block: int, positions: int) -> range:
+        """The blocks a breakpoint on ``block`` checks, newest first: ``positions`` lookback
+        positions back from it, the breakpoint's own position counted first."""
+        if not self.groups:
+            return range(block, max(block - positions, -1), -1)
+        floor = self.groups[block] - positions  # the first position beyond the window
+        low = block
+        while low > 0 and self.groups[low - 1] > floor:
+            low -= 1
+        return range(block, low - 1, -1)
 
     @property
     def total_tokens(self) -> int:
@@ -146,7 +162,9 @@ def build_prompt(req: MessagesRequest, model_id: str, volatile_prefixes: tuple[s
     keys: list[bytes] = []
     tokens: list[int] = []
     marks: list[tuple[int, Ttl, str]] = []  # (position, ttl, path of the cache_control) in prompt order
+    groups: list[int] = []
     last_eligible = -1
+    previous_type: Any = None
     for entry in _items(req, volatile_prefixes):
         if isinstance(entry, bytes):
             h = hashlib.sha256(h + entry).digest()
@@ -156,14 +174,19 @@ def build_prompt(req: MessagesRequest, model_id: str, volatile_prefixes: tuple[s
             h = hashlib.sha256(h + entry.identity).digest()
         keys.append(h)
         tokens.append(entry.tokens)
+        kind = entry.block.get("type")
+        same_run = kind in _RUN_TYPES and kind == previous_type
+        groups.append(groups[-1] + (0 if same_run else 1) if groups else 0)
+        previous_type = kind
         if entry.eligible:
             last_eligible = pos
         cc = entry.block.get("cache_control")
         if cc is None:
             continue
         if not entry.eligible:
-            what = "empty text blocks" if entry.block.get("type") == "text" else f"{entry.block['type']} blocks"
-            raise InvalidRequest(f"{entry.path}.cache_control: cache_control cannot be set for {what}")
+            if kind == "text":
+                raise InvalidRequest(f"{entry.path}.text: cache_control cannot be set for empty text blocks")
+            raise InvalidRequest(f"{entry.path}.{kind}.cache_control: Extra inputs are not permitted")
         marks.append((pos, _ttl_of(cc, f"{entry.path}.cache_control"), f"{entry.path}.cache_control"))
     top = req.raw.get("cache_control")
     count = len(marks) + (1 if top is not None else 0)
@@ -173,7 +196,13 @@ def build_prompt(req: MessagesRequest, model_id: str, volatile_prefixes: tuple[s
         )
     if top is not None:
         ttl = _ttl_of(top, "cache_control")
-        if last_eligible >= 0:
+        explicit = next((m for m in marks if m[0] == last_eligible), None)
+        if explicit is not None and explicit[1] != ttl:
+            raise InvalidRequest(
+                f"cache_control.ttl: the automatic breakpoint's ttl='{ttl}' differs from ttl='{explicit[1]}' "
+                f"of the explicit cache_control on the last cacheable block ({explicit[2]})"
+            )
+        if last_eligible >= 0 and explicit is None:
             marks.append((last_eligible, ttl, "cache_control"))
             marks.sort(key=lambda m: m[0])  # stable: an explicit mark stays before the automatic one
     seen_5m = False
@@ -188,4 +217,5 @@ def build_prompt(req: MessagesRequest, model_id: str, volatile_prefixes: tuple[s
         keys=tuple(keys),
         cumulative=tuple(accumulate(tokens)),
         breakpoints=tuple(Breakpoint(p, t) for p, t in sorted(by_pos.items())),
+        groups=tuple(groups),
     )

@@ -3,6 +3,8 @@
 One :class:`SimState` per app, reachable in-process (``SimHandle.state`` in tests) and over HTTP
 (``/_sim/stats``, ``/_sim/requests``). Tenants are known only by a digest of their credential
 (first 16 hex characters of its SHA-256); neither credentials nor prompt text are ever stored.
+Cache entries belong to a workspace (``workspace_for``); the engine dialects keep one engine-wide
+cache instead (``engine``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from specproxy.sim.cache import CachePlan, Clock, PromptCache
+from specproxy.sim.engine_cache import EngineCache, new_engine_cache
 from specproxy.sim.gates import Gates
 from specproxy.sim.profile import ModelSpec, SimProfile
 
@@ -21,6 +24,11 @@ from specproxy.sim.profile import ModelSpec, SimProfile
 def tenant_digest(credential: str) -> str:
     """The tenant id of a credential: the first 16 hex characters of its SHA-256."""
     return hashlib.sha256(credential.encode()).hexdigest()[:16]
+
+
+def own_workspace(tenant: str) -> str:
+    """The workspace of a credential the profile does not assign: its own (``wrkspc_<digest>``)."""
+    return f"wrkspc_{tenant}"
 
 
 @dataclass(slots=True)
@@ -57,17 +65,22 @@ class SimState:
             ttl_5m_s=profile.ttl_5m_s * profile.ttl_scale,
             ttl_1h_s=profile.ttl_1h_s * profile.ttl_scale,
         )
+        self.engine: EngineCache | None = new_engine_cache(profile, clock)
         self.gates = Gates()
         self.totals = Counters()
         self.by_tenant: dict[str, Counters] = {}
+        self.by_workspace: dict[str, Counters] = {}
         self.by_path: Counter[str] = Counter()
         self.log: deque[dict[str, Any]] = deque(maxlen=profile.max_logged_requests)
 
     def reset(self) -> None:
         """Forget the cache, the counters, the request log and the gates."""
         self.cache.clear()
+        if self.engine is not None:
+            self.engine.clear()
         self.totals = Counters()
         self.by_tenant = {}
+        self.by_workspace = {}
         self.by_path = Counter()
         self.log.clear()
         self.gates.reset()
@@ -78,10 +91,23 @@ class SimState:
             counters = self.by_tenant[tenant] = Counters()
         return counters
 
-    def count_request(self, tenant: str) -> None:
+    def _workspace(self, workspace: str) -> Counters:
+        counters = self.by_workspace.get(workspace)
+        if counters is None:
+            counters = self.by_workspace[workspace] = Counters()
+        return counters
+
+    def workspace_for(self, tenant: str, requested: str | None) -> str:
+        """The workspace whose cache a request uses: the profile's assignment of the credential,
+        else the ``anthropic-workspace-id`` header, else the credential's own workspace."""
+        return self.profile.workspace_of(tenant) or requested or own_workspace(tenant)
+
+    def count_request(self, tenant: str, workspace: str | None = None) -> None:
         """A Messages request arrived (whatever its outcome)."""
         self.totals.requests += 1
         self._tenant(tenant).requests += 1
+        if workspace:
+            self._workspace(workspace).requests += 1
 
     def commit(self, plan: CachePlan) -> None:
         """The response of ``plan``'s request begins: its writes become readable and are counted."""
@@ -89,12 +115,20 @@ class SimState:
             return
         written = self.cache.commit(plan)
         usage = plan.usage
-        for counters in (self.totals, self._tenant(plan.tenant)):
-            counters.cache_writes += written
-            counters.tokens_written += usage.cache_creation_input_tokens
-            if usage.cache_read_input_tokens > 0:
+        self.count_cache(plan.tenant, plan.workspace, written, usage.cache_creation_input_tokens,
+                         usage.cache_read_input_tokens)
+
+    def count_cache(self, tenant: str, workspace: str, writes: int, tokens_written: int, tokens_read: int) -> None:
+        """Count a response's cache writes and read in total, for its tenant and its workspace."""
+        groups = [self.totals, self._tenant(tenant)]
+        if workspace:
+            groups.append(self._workspace(workspace))
+        for counters in groups:
+            counters.cache_writes += writes
+            counters.tokens_written += tokens_written
+            if tokens_read > 0:
                 counters.cache_reads += 1
-                counters.tokens_read += usage.cache_read_input_tokens
+                counters.tokens_read += tokens_read
 
     def new_log_entry(self, method: str, path: str, query: str) -> dict[str, Any]:
         """Start the log record of a request (filled in as the request proceeds)."""
@@ -110,6 +144,7 @@ class SimState:
             "status": None,
             "request_id": None,
             "tenant": None,
+            "workspace": None,
             "fault": None,
             "gate": None,
             "model": None,
@@ -124,7 +159,8 @@ class SimState:
         """The ``/_sim/stats`` document."""
         return {
             **self.totals.as_dict(),
-            "cache_entries": len(self.cache),
+            "cache_entries": len(self.engine) if self.engine is not None else len(self.cache),
             "by_tenant": {tenant: c.as_dict() for tenant, c in self.by_tenant.items()},
+            "by_workspace": {ws: c.as_dict() for ws, c in self.by_workspace.items()},
             "by_path": dict(self.by_path),
         }

@@ -1,8 +1,12 @@
 """Validation of Messages and count_tokens bodies, with the API's field-naming error messages.
 
-Only what the Messages API itself rejects is rejected; unknown top-level fields (``metadata``,
-``context_management``, ``temperature``, ``service_tier``, …) are ignored. Errors are raised as
-``InvalidRequest`` (400) or ``NotFound`` (404 for an unknown model) and rendered by the app.
+The shape of a body: types of the fields, the messages list, ``max_tokens`` and what it cannot be
+combined with, and, in the Anthropic dialect (``strict``), the top-level fields the API accepts.
+A field outside :data:`MESSAGES_FIELDS` is refused the way the API refuses it
+(``<field>: Extra inputs are not permitted``); every field the API reference documents and the SDKs
+or Claude Code send is in the list. The conversation rules (prefill, tool pairing, empty blocks,
+the model's output limit) are in ``specproxy.sim.conversation``. Errors are raised as
+``InvalidRequest`` (400) and rendered by the app.
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ Role = Literal["user", "assistant"]
 Block = dict[str, Any]
 
 THINKING_TYPES: Final = frozenset({"enabled", "disabled", "adaptive"})
+
+# Top-level fields of POST /v1/messages: the API reference's MessageCreateParams (GA and beta) in the
+# official SDK, plus the sampling fields older SDKs and Claude Code send (temperature, top_k, top_p)
+# and the beta structured-output ``output_format``.
+MESSAGES_FIELDS: Final = frozenset({
+    "model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "stream",
+    "stop_sequences", "temperature", "top_k", "top_p", "metadata", "service_tier", "cache_control",
+    "container", "diagnostics", "inference_geo", "output_config", "output_format", "speed",
+    "context_management", "mcp_servers", "billing_policy", "compaction", "fallback_credit_token",
+    "fallbacks", "thread",
+})
+MESSAGE_FIELDS: Final = frozenset({"role", "content"})
 MIN_THINKING_BUDGET: Final = 1024
 
 
@@ -88,7 +104,12 @@ def _system(value: Any) -> tuple[tuple[Block, ...], bool]:
     return tuple(blocks), False
 
 
-def _messages(value: Any) -> tuple[Message, ...]:
+def extra_input(path: str) -> InvalidRequest:
+    """The API's refusal of a field it does not know."""
+    return _fail(f"{path}: Extra inputs are not permitted")
+
+
+def _messages(value: Any, strict: bool = False) -> tuple[Message, ...]:
     if value is None:
         raise _fail("messages: Field required")
     if not isinstance(value, list):
@@ -99,6 +120,10 @@ def _messages(value: Any) -> tuple[Message, ...]:
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
             raise _fail(f"messages.{i}: Input should be a valid dictionary")
+        if strict:
+            for key in msg:
+                if key not in MESSAGE_FIELDS:
+                    raise extra_input(f"messages.{i}.{key}")
         role = msg.get("role")
         if role not in ("user", "assistant"):
             raise _fail(f"messages.{i}.role: Input should be 'user' or 'assistant'")
@@ -156,14 +181,27 @@ def _prewarm_conflicts(raw: dict[str, Any], stream: bool) -> None:
     raise _fail(f"max_tokens: 0 cannot be combined with {conflict}")
 
 
-def parse_body(body: bytes, *, count_only: bool = False) -> MessagesRequest:
-    """Validate a Messages body (``count_only``: a count_tokens body, without ``max_tokens``)."""
+def loads_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or the API's 400."""
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _fail(f"The request body is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise _fail("The request body must be a JSON object")
+    return raw
+
+
+def parse_body(body: bytes, *, count_only: bool = False, strict: bool = True) -> MessagesRequest:
+    """Validate a Messages body (``count_only``: a count_tokens body, without ``max_tokens``).
+
+    ``strict`` (the Anthropic dialect) refuses fields the API does not document; the engine
+    dialects pass ``False`` (their servers ignore unknown fields)."""
+    raw = loads_object(body)
+    if strict:
+        for key in raw:
+            if key not in MESSAGES_FIELDS:
+                raise extra_input(key)
     model = raw.get("model")
     if model is None:
         raise _fail("model: Field required")
@@ -184,11 +222,11 @@ def parse_body(body: bytes, *, count_only: bool = False) -> MessagesRequest:
         stream = False
     if not isinstance(stream, bool):
         raise _fail("stream: Input should be a valid boolean")
-    messages = _messages(raw.get("messages"))
+    messages = _messages(raw.get("messages"), strict)
     system, system_plain = _system(raw.get("system"))
     tools = _tools(raw.get("tools"))
     _thinking(raw.get("thinking"), max_tokens)
-    if max_tokens == 0:
+    if max_tokens == 0 and strict:
         _prewarm_conflicts(raw, stream)
     return MessagesRequest(
         raw=raw,

@@ -75,3 +75,26 @@ def test_ttls_scale_with_time_except_at_zero() -> None:
     assert SimProfile(time_scale=0.1).ttl_scale == 0.1
     assert SimProfile(time_scale=0.0).ttl_scale == 1.0
     assert dataclasses.replace(SimProfile(), time_scale=2.0).delay(1.5) == 3.0
+
+
+def test_a_file_sets_the_dialect_engine_options_and_workspaces(tmp_path: Path) -> None:
+    from specproxy.sim import tenant_digest
+
+    path = tmp_path / "sim.toml"
+    path.write_text('dialect = "vllm"\ncache_report = true\nengine_block_tokens = 32\nengine_slots = 3\n'
+                    '[workspaces]\nwrkspc_team = ["sk-one", "sk-two"]\n')
+    profile = load_profile(path)
+    assert (profile.dialect, profile.cache_report, profile.block_tokens, profile.engine_slots) == ("vllm", True, 32, 3)
+    assert profile.workspace_of(tenant_digest("sk-two")) == "wrkspc_team"
+    assert "sk-one" not in repr(profile)  # only digests are kept
+    assert load_profile(path, dialect="sglang").dialect == "sglang"
+    assert SimProfile(dialect="vllm").block_tokens == 16 and SimProfile(dialect="sglang").block_tokens == 1
+
+
+@pytest.mark.parametrize(("content", "key"), [('dialect = "tgi"\n', "dialect"), ("cache_report = 1\n", "cache_report"),
+                                              ("engine_slots = 0\n", "engine_slots")])
+def test_a_bad_engine_option_names_its_key(tmp_path: Path, content: str, key: str) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text(content)
+    with pytest.raises(ProfileError, match=key):
+        load_profile(path)

@@ -120,19 +120,26 @@ async def test_max_tokens_zero_is_refused_with_these_parameters(api: Api, extra:
 
 async def test_cache_control_on_a_thinking_block_is_refused(api: Api) -> None:
     thinking = {"type": "thinking", "thinking": "hm", "signature": "s", "cache_control": {"type": "ephemeral"}}
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [thinking]}]
-    assert assert_error(await api.messages({"messages": messages}), 400, "invalid_request_error").startswith(
-        "messages.1.content.0.cache_control")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [thinking, plain("ok")]},
+                {"role": "user", "content": "go on"}]
+    assert assert_error(await api.messages({"messages": messages}), 400, "invalid_request_error") == (
+        "messages.1.content.0.thinking.cache_control: Extra inputs are not permitted")
 
 
 async def test_cache_control_on_an_empty_text_block_is_refused(api: Api) -> None:
-    reply = await api.messages({"messages": [{"role": "user", "content": [cached("")]}]})
-    assert "empty text" in assert_error(reply, 400, "invalid_request_error")
+    reply = await api.messages({"messages": [{"role": "user", "content": [plain("hi"), cached("")]}]})
+    assert assert_error(reply, 400, "invalid_request_error") == (
+        "messages.0.content.1.text: cache_control cannot be set for empty text blocks")
 
 
-async def test_unknown_top_level_fields_are_ignored(api: Api) -> None:
+async def test_an_unknown_top_level_field_is_refused_naming_it(api: Api) -> None:
     reply = await api.messages({"messages": USER_HI, "some_future_field": {"x": 1}, "metadata": {"user_id": "u"}})
-    assert reply.status == 200
+    assert assert_error(reply, 400, "invalid_request_error") == "some_future_field: Extra inputs are not permitted"
+
+
+async def test_an_unknown_message_field_is_refused_naming_it(api: Api) -> None:
+    reply = await api.messages({"messages": [{"role": "user", "content": "hi", "name": "Init"}]})
+    assert assert_error(reply, 400, "invalid_request_error") == "messages.0.name: Extra inputs are not permitted"
 
 
 def claude_code_body() -> dict[str, Any]:
