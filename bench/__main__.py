@@ -1,6 +1,7 @@
 """``python -m bench [scenario ...] [--quick] [--out DIR]``: run the benchmarks, print a table, write JSON.
 
-Scenarios (all by default, in this order): overhead, release, throughput, savings, memory, soak.
+Scenarios (all by default, in this order): overhead, release, throughput, savings, memory, soak;
+``engine`` (a real llama-server, see bench/engine.py) runs only when named.
 Every server runs in its own process on loopback, started and stopped here; this process is the
 load generator. A benchmark reports against its targets (PASS/MISS); it never fails on a number.
 ``specproxy bench ...`` is the same command.
@@ -21,6 +22,7 @@ from typing import Any, Final
 from bench.common import ROOT, Target, environment, raise_nofile, write_json
 
 SCENARIOS: Final = ("overhead", "release", "throughput", "savings", "memory", "soak")
+OPTIONAL: Final = ("engine",)  # run only when named: needs a built llama-server (bench/engine.py)
 
 
 def _options(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def _options(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("scenarios", nargs="*", metavar="scenario",
-                        help=f"any of: {', '.join(SCENARIOS)} (default: all)")
+                        help=f"any of: {', '.join(SCENARIOS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})")
     parser.add_argument("--quick", action="store_true", help="tiny runs (seconds): a smoke test, not a measurement")
     parser.add_argument("--out", default=None, help="where JSON and PNG go (default bench/results, "
                                                     "bench/results/quick with --quick)")
@@ -57,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the named scenarios (all by default); 0 when every scenario ran, 1 if one crashed."""
     args = build_parser().parse_args(argv)
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS + OPTIONAL]
     if unknown:
-        print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+        print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS + OPTIONAL)}",
+              file=sys.stderr)
         return 2
-    names = [s for s in SCENARIOS if s in args.scenarios] if args.scenarios else list(SCENARIOS)
+    names = [s for s in SCENARIOS + OPTIONAL if s in args.scenarios] if args.scenarios else list(SCENARIOS)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("quick" if args.quick else "")
     raise_nofile()
 

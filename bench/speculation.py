@@ -73,6 +73,24 @@ def dollars(usages: list[dict[str, Any]]) -> float:
     return sum(cost(Usage.from_api(u), MODEL)[0] for u in usages)
 
 
+def _variant(stream: bool, coalesce: bool) -> str:
+    return f"{'stream' if stream else 'json'}_{'coalesce' if coalesce else 'off'}"
+
+
+def _fan_result(stats: dict[str, Any], results: list[tuple[float, float, dict[str, Any], dict[str, str]]],
+                wall: float, scale: float) -> dict[str, Any]:
+    """One fan-out variant's figures: the simulator's counters, dollars, times scaled back, outcomes."""
+    return {
+        "cache_writes": stats["cache_writes"],
+        "cache_reads": stats["cache_reads"],
+        "tokens_written": sum(u["cache_creation_input_tokens"] for _, _, u, _ in results),
+        "dollars": round(dollars([u for _, _, u, _ in results]), 4),
+        "mean_ttft_s": round(statistics.mean(t for t, _, _, _ in results) / scale, 2),
+        "last_done_s": round(wall / scale, 2),
+        "outcomes": sorted(h["X-Cache-Warm"] for _, _, _, h in results),
+    }
+
+
 async def fan_out(scale: float, n: int = 10) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stream in (True, False):
@@ -84,15 +102,7 @@ async def fan_out(scale: float, n: int = 10) -> dict[str, Any]:
                                                  for i in range(n)))
                 wall = time.perf_counter() - start
                 stats = await sim.stats()
-            key = f"{'stream' if stream else 'json'}_{'coalesce' if coalesce else 'off'}"
-            out[key] = {
-                "cache_writes": stats["cache_writes"],
-                "cache_reads": stats["cache_reads"],
-                "dollars": round(dollars([u for _, _, u, _ in results]), 4),
-                "mean_ttft_s": round(statistics.mean(t for t, _, _, _ in results) / scale, 2),
-                "last_done_s": round(wall / scale, 2),
-                "outcomes": sorted(h["X-Cache-Warm"] for _, _, _, h in results),
-            }
+            out[_variant(stream, coalesce)] = _fan_result(stats, results, wall, scale)
     return out
 
 
@@ -128,16 +138,7 @@ async def fan_out_behind_warm_system(scale: float, n: int = 5) -> dict[str, Any]
                                                  for i in range(n)))
                 wall = time.perf_counter() - start
                 stats = await sim.stats()
-            key = f"{'stream' if stream else 'json'}_{'coalesce' if coalesce else 'off'}"
-            out[key] = {
-                "cache_writes": stats["cache_writes"],
-                "cache_reads": stats["cache_reads"],
-                "tokens_written": sum(u["cache_creation_input_tokens"] for _, _, u, _ in results),
-                "dollars": round(dollars([u for _, _, u, _ in results]), 4),
-                "mean_ttft_s": round(statistics.mean(t for t, _, _, _ in results) / scale, 2),
-                "last_done_s": round(wall / scale, 2),
-                "outcomes": sorted(h["X-Cache-Warm"] for _, _, _, h in results),
-            }
+            out[_variant(stream, coalesce)] = _fan_result(stats, results, wall, scale)
     return out
 
 

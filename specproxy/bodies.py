@@ -129,7 +129,12 @@ def cut(body: dict[str, Any], prefix: Prefix, position: int, ttl: str = "5m") ->
         for name in _MESSAGES_LEVEL_FIELDS:
             out.pop(name, None)
     out["messages"] = messages
-    if all(bp.position != position for bp in identity.breakpoints):
+    auto = body.get("cache_control")
+    if isinstance(auto, dict) or all(bp.position != position for bp in identity.breakpoints):
+        # An automatic breakpoint may sit on this block: the cut dropped the top-level marker (it
+        # would land elsewhere in a shorter body), so the block carries it explicitly instead.
+        if isinstance(auto, dict) and auto.get("ttl") in ("5m", "1h"):
+            ttl = auto["ttl"]
         ttl = _safe_ttl(identity, ttl)
         out, identity = with_breakpoint_at(out, identity, position, ttl), identity.with_breakpoint(position, ttl)
     out["messages"] = _ends_on_user(out["messages"])

@@ -49,6 +49,10 @@ _SETTLED: Final = {State.WARM: Outcome.HIT, State.UNCACHEABLE: Outcome.UNCACHEAB
 _LEADS: Final = frozenset({Kind.LEADER, Kind.LEADER_JSON, Kind.COALESCE})
 
 
+def _failed_leader(match: Match) -> bool:
+    return match.warm.state is State.FAILED and match.warm.kind in (Kind.LEADER, Kind.LEADER_JSON)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The verdict for one request, and the warm it leads (it settles it when its response begins)."""
@@ -162,6 +166,8 @@ class Coalescer:
                     outcome = Outcome.UNHELD if self.draining else Outcome.TIMEOUT
                     return Decision(self._verdict(outcome, match, held_s, ident, coalesced))
                 continue  # settled: match again (it may now cover more, or be ours to lead)
+            if match is not None and _failed_leader(match):
+                match = None  # a request that never began (its own 400, a client gone): lead afresh
             if self._coalesce and (match is None or match.position < last.position):
                 kind = Kind.LEADER if ident.stream else Kind.LEADER_JSON
                 lead, started = await self._registry.begin(ident.tenant, prefix, kind=kind)

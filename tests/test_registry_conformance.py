@@ -423,10 +423,13 @@ CASES: list[tuple[State | None, Kind, float, bool, Take]] = [
     (State.WARMING, Kind.LEADER, 65, True, Take.KEEP),
     (State.WARMING, Kind.LEADER_JSON, 65, False, Take.KEEP),
     (State.WARMING, Kind.LEADER_JSON, 65, True, Take.TAKE_OVER),
-    (State.WARMING, Kind.LEADER_JSON, 5, True, Take.KEEP),  # timed out: reads as failed
+    (State.WARMING, Kind.LEADER_JSON, 5, True, Take.FREE),  # timed out: reads as failed; a failed leader is free
+    (State.WARMING, Kind.LEADER, 5, False, Take.FREE),
     (State.WARMING, Kind.PREWARM, 5, False, Take.KEEP),
     (State.FAILED, Kind.PREWARM, 5, False, Take.KEEP),
-    (State.FAILED, Kind.LEADER_JSON, 5, True, Take.KEEP),
+    (State.FAILED, Kind.LEADER_JSON, 5, True, Take.FREE),  # a request that never began protects nothing
+    (State.FAILED, Kind.LEADER, 5, False, Take.FREE),
+    (State.FAILED, Kind.COALESCE, 5, True, Take.KEEP),
     (State.UNCACHEABLE, Kind.PREWARM, 200, False, Take.KEEP),
     (State.UNCACHEABLE, Kind.PREWARM, 20, False, Take.KEEP),
     (State.UNCACHEABLE, Kind.LEADER_JSON, 20, True, Take.KEEP),

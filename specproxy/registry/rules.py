@@ -70,6 +70,8 @@ def decide(
     state = reads_as(existing, now, failed_ttl)
     if state is State.WARM and existing.expires_at - now <= rewarm_margin:
         return Take.REWARM
+    if state is State.FAILED and existing.warm.kind in (Kind.LEADER, Kind.LEADER_JSON):
+        return Take.FREE  # a client's own request that never began (e.g. its 400): nothing to protect
     if replace and state is State.WARMING and existing.warm.kind is Kind.LEADER_JSON:
         return Take.TAKE_OVER
     return Take.KEEP
@@ -85,6 +87,7 @@ local function may_take(value, pttl, margin, failed, replace)
   local state = old['s']
   if state == 'warming' and pttl <= failed then state = 'failed' end  -- reads_as: timed out
   if state == 'warm' and pttl <= margin then return true end          -- REWARM
+  if state == 'failed' and (old['kd'] == 'leader' or old['kd'] == 'leader-json') then return true end  -- FREE
   if replace and state == 'warming' and old['kd'] == 'leader-json' then return true end  -- TAKE_OVER
   return false                                                        -- KEEP
 end

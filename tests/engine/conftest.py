@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,13 +24,20 @@ SLOTS = 2
 _count = itertools.count()
 
 
+def _unavailable(reason: str) -> None:
+    """Skip, or fail where the engine is required (``SPECPROXY_REQUIRE_ENGINE=1``, as .ci/run sets)."""
+    if os.environ.get("SPECPROXY_REQUIRE_ENGINE") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[llama.LlamaServer]:
     if llama.binary() is None:
-        pytest.skip(f"llama-server is not built in {llama.llama_dir()}: run scripts/build_llama_server.sh "
-                    "(.ci/run builds it)")
+        _unavailable("llama-server is not built in the cache directory: run scripts/build_llama_server.sh "
+                     "(.ci/run builds it)")
     if importlib.util.find_spec("gguf") is None:
-        pytest.skip("the gguf package is missing (pip install -e '.[test]')")
+        _unavailable("the gguf package is missing (pip install -e '.[test]')")
     path = llama.model(**llama.TINY)
     with llama.serving(path, slots=SLOTS, ctx_per_slot=8192, log_dir=tmp_path_factory.mktemp("llama")) as server:
         yield server

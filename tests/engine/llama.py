@@ -48,13 +48,22 @@ SESSION = web.AppKey("gate_session", aiohttp.ClientSession)
 TINY = {"layers": 4, "dim": 64, "heads": 4, "ff": 192}  # prefill of a few thousand tokens: about a second
 
 
+def _script(name: str) -> Any:
+    """A module of ``scripts/`` (not a package), loaded by path: one definition of what it shares."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_specproxy_scripts_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def llama_dir() -> Path:
     """Where scripts/build_llama_server.sh builds (``SPECPROXY_LLAMA_DIR`` overrides it)."""
-    named = os.environ.get("SPECPROXY_LLAMA_DIR")
-    if named:
-        return Path(named)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "specproxy" / "llama"
+    found: Path = _script("make_tiny_gguf").llama_dir()
+    return found
 
 
 def binary() -> Path | None:
