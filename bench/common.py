@@ -153,6 +153,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process (entries of /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def socket_fds(pid: int) -> int:
     """Open sockets of a process: entries of /proc/PID/fd that link to ``socket:[…]``."""
     count = 0

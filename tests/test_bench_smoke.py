@@ -92,3 +92,8 @@ def test_soak_loses_and_alters_nothing(tmp_path: Path) -> None:
     assert verification["duplicated"] == 0
     assert data["errors_unexpected"] == {}
     assert data["proxy"]["held_after"] == 0
+    # Hostile traffic was mixed in, and each kind got the answer it should.
+    assert data["hostile"] is True and data["hostile_unexpected"] == {}
+    kinds = {key.split(": ")[0] for key in data["hostile_expected"]}
+    assert {"slow_headers", "oversized_header", "control_char_key", "garbage_prewarm"} <= kinds
+    assert data["actions"].get("compressed", 0) > 0 and data["actions"].get("garbage_key", 0) > 0

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from specproxy.prefix import PrefixError, compute, tenant_digest
@@ -83,7 +84,8 @@ def test_compute_raises_only_prefix_error_on_any_json(value: Any) -> None:
 class Servers:
     """A simulator and a proxy on their own event loop in a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: Any) -> None:
+        self.settings = {"max_hold": 0.2, **settings}
         self.proxy = self.sim = ""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -96,7 +98,7 @@ class Servers:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, max_hold=0.2) as proxy:
+        async with run_sim(time_scale=0.0) as sim, run_proxy(sim.url, **self.settings) as proxy:
             self.sim, self.proxy = sim.url, proxy.url
             self._ready.set()
             await self._stop.wait()
@@ -164,3 +166,90 @@ def test_any_body_to_the_other_endpoints_gets_an_answer_never_a_crash(servers: S
         assert error["type"] == "error" and error["error"]["type"]
     status, _ = request(servers.proxy, "GET", "/healthz", None, {})
     assert status == 200
+
+
+# --- Messages-shaped bodies whose every field may be any JSON ---------------------------------------
+# Random dictionaries rarely look like a Messages request, so they never reach the prefix chain's
+# corners; these do: a block's ``type``, its ``cache_control`` and ``ttl``, a message's ``role`` and
+# ``content`` are each either a plausible value or arbitrary JSON.
+
+http_request = request  # the module's HTTP helper (the tests below take pytest's ``request``)
+anything = json_values | st.integers(min_value=2**63, max_value=2**70)  # beyond 64 bits, too
+shaped_ttl = st.sampled_from(["5m", "1h"]) | anything
+shaped_cc = st.fixed_dictionaries({"type": st.just("ephemeral") | anything}, optional={"ttl": shaped_ttl}) | anything
+shaped_block = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "document", "tool_use", "tool_result", "thinking"]) | anything},
+    optional={"text": text | anything, "cache_control": shaped_cc, "content": anything, "source": anything,
+              "input": anything, "id": anything, "tool_use_id": anything},
+)
+shaped_content = st.text(max_size=30) | st.lists(shaped_block | anything, max_size=5) | anything
+shaped_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]) | anything,
+                                        "content": shaped_content})
+shaped_bodies = st.fixed_dictionaries(
+    {"model": st.just(MODEL) | anything, "messages": st.lists(shaped_message, min_size=1, max_size=4) | anything},
+    optional={
+        "system": st.text(max_size=30) | st.lists(shaped_block, max_size=3) | anything,
+        "tools": st.lists(st.fixed_dictionaries({"name": text, "input_schema": anything},
+                                                optional={"cache_control": shaped_cc}), max_size=3) | anything,
+        "max_tokens": st.integers(0, 64) | anything,
+        "stream": st.booleans() | anything,
+        "cache_control": shaped_cc,
+    },
+).map(lambda d: json.dumps(d).encode())
+
+
+@given(shaped_bodies)
+def test_compute_raises_only_prefix_error_on_messages_shaped_json(raw: bytes) -> None:
+    try:
+        body = orjson.loads(raw)  # parsed as the proxy parses them (big integers become floats)
+    except orjson.JSONDecodeError:
+        assume(False)  # infinities: not JSON, never identified
+    with contextlib.suppress(PrefixError):
+        compute(body, T)
+
+
+@pytest.fixture(scope="module")
+def speculative() -> Iterator[Servers]:
+    """Every speculation behaviour on: coalescing, breakpoint injection, next-turn and keep-warm."""
+    with Servers(coalesce=True, inject_breakpoints=True, next_turn=True, keep_warm=True) as s:
+        yield s
+
+
+def _upstream_status(servers: Servers, marker: str) -> int | None:
+    _, log_raw = http_request(servers.sim, "GET", "/_sim/requests", None, {})
+    found = [e for e in json.loads(log_raw) if e["path"] == "/v1/messages" and marker in e["query"]]
+    return found[-1]["status"] if found else None
+
+
+@pytest.mark.parametrize("which", ["servers", "speculative"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=shaped_bodies)
+def test_a_messages_shaped_body_is_forwarded_and_never_answered_5xx_by_the_proxy(
+    request: pytest.FixtureRequest, which: str, body: bytes
+) -> None:
+    servers: Servers = request.getfixturevalue(which)
+    marker = hashlib.sha256(body).hexdigest()[:12]
+    status, payload = http_request(servers.proxy, "POST", "/v1/messages?probe=" + marker, body, HEADERS)
+    upstream = _upstream_status(servers, marker)
+    assert upstream is not None, "it went upstream"
+    assert status < 500 or status == upstream, payload[:200]  # a 5xx only ever the upstream's own
+    if which == "servers":  # nothing rewrites it (injection is off): the upstream got the client's bytes
+        _, log_raw = http_request(servers.sim, "GET", "/_sim/requests", None, {})
+        entry = [e for e in json.loads(log_raw) if marker in e["query"]][-1]
+        assert entry["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("which", ["servers", "speculative"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=shaped_bodies, path=st.sampled_from(["/prewarm", "/prewarm?wait=1", "/v1/messages/count_tokens"]))
+def test_a_messages_shaped_body_to_the_other_endpoints_gets_an_answer_never_a_crash(
+    request: pytest.FixtureRequest, which: str, body: bytes, path: str
+) -> None:
+    servers: Servers = request.getfixturevalue(which)
+    status, payload = http_request(servers.proxy, "POST", path, body, HEADERS)
+    assert status < 500, payload[:200]
+    if status >= 400:
+        error = json.loads(payload)
+        assert error["type"] == "error" and error["error"]["type"]
+    for probe in ("/healthz", "/status.json"):
+        assert http_request(servers.proxy, "GET", probe, None, {})[0] == 200
