@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import anthropic
+import orjson
 import pytest
 
+from specproxy.logs import JSONFormatter
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy, run_sim
 
 KEY_A = "sk-ant-test-tenant-a-0001"
@@ -92,3 +95,33 @@ async def client(proxy: ProxyHandle) -> AsyncIterator[anthropic.AsyncAnthropic]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    """Every record of the ``specproxy`` logger tree at INFO and above, for the duration of a test."""
+    handler = _Records()
+    root = logging.getLogger("specproxy")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
+    """The access lines so far, as the JSON formatter writes them (parsed back)."""
+    fmt = JSONFormatter()
+    return [orjson.loads(fmt.format(r)) for r in records if r.name == "specproxy.access"]

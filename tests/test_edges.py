@@ -17,7 +17,6 @@ import resource
 import socket
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,41 +26,12 @@ import orjson
 import pytest
 
 from specproxy.keys import FORWARDER, WARMER
-from specproxy.logs import JSONFormatter
 from specproxy.serving import SERVER_STATS, descriptor_budget
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
-from tests.conftest import KEY_A, MODEL, eventually, headers, question_body
+from tests.conftest import KEY_A, MODEL, access_lines, eventually, headers, question_body
 from tests.wire import Captured, WireUpstream, json_answer, raw_request, wire_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def records() -> Iterator[list[logging.LogRecord]]:
-    handler = _Records()
-    root = logging.getLogger("specproxy")
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield handler.records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
-    fmt = JSONFormatter()
-    return [orjson.loads(fmt.format(r)) for r in records if r.name == "specproxy.access"]
 
 
 @pytest.fixture

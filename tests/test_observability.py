@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ from specproxy.metrics import cost
 from specproxy.prefix import tenant_digest
 from specproxy.testing import ProxyHandle, SimHandle, run_proxy
 from specproxy.usage import Usage
-from tests.conftest import CONTEXT, KEY_A, KEY_B, MODEL, eventually, headers, question_body, warm_body
+from tests.conftest import CONTEXT, KEY_A, KEY_B, MODEL, access_lines, eventually, headers, question_body, warm_body
 
 KINDS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
 QUESTION = "What does function_7 return?"
@@ -139,36 +138,6 @@ def token_series(tokens: Counter[str], *extra: str) -> dict[tuple[str, ...], flo
 async def warm_usages(sim: SimHandle) -> list[dict[str, Any]]:
     """The usage of every ``max_tokens: 0`` warm the simulator answered, oldest first."""
     return [e["usage"] for e in await sim.requests() if e["path"] == "/v1/messages" and e["max_tokens"] == 0]
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def records() -> Iterator[list[logging.LogRecord]]:
-    """Every record of the ``specproxy`` logger tree at INFO and above, for the duration of a test."""
-    handler = _Records()
-    root = logging.getLogger("specproxy")
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield handler.records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
-    """The access lines so far, as the JSON formatter writes them (parsed back)."""
-    fmt = JSONFormatter()
-    return [orjson.loads(fmt.format(r)) for r in records if r.name == "specproxy.access"]
 
 
 # --- requests by outcome ----------------------------------------------------------------------------
