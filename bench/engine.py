@@ -94,7 +94,11 @@ async def cold_vs_prewarmed(http: aiohttp.ClientSession, engine: llama.LlamaServ
     doc = document(lines)
     async with http.post(proxy + "/prewarm?wait=1", data=orjson.dumps(body(doc, None, max_tokens=0, stream=False)),
                          headers=headers()) as r:
-        state = (await r.json())["state"]
+        answer = await r.json()
+    state = answer["state"]
+    if state != "warm":  # nothing below means anything then: stop, and show what the proxy said
+        async with http.get(f"{proxy}/prewarm/{answer['prefix']}", headers=headers()) as r:
+            raise RuntimeError(f"the prewarm of the cold-vs-prewarmed document ended {state}: {await r.text()}")
     warm = await ask(http, proxy, doc, "What does function_7 return?", time.monotonic())
     return {"cold": cold, "prewarmed": {**warm, "warm_state": state},
             "computed_tokens": await computed(engine) - before}
@@ -102,30 +106,44 @@ async def cold_vs_prewarmed(http: aiohttp.ClientSession, engine: llama.LlamaServ
 
 async def during_warm(http: aiohttp.ClientSession, engine: llama.LlamaServer, proxy: str, lines: int,
                       typing: float, via_proxy: bool) -> dict[str, Any]:
+    """The warm goes first; the question follows ``typing`` seconds after the warm was accepted
+    (the proxy's 202, or the straight warm's send). Through the proxy, the warm's state as the
+    question leaves is recorded: ``warming`` means the question must be ``held``, ``warm`` that
+    the warm beat it (a fast engine) and the question must be a ``hit``."""
     doc = document(lines)
     before = await computed(engine)
     t0 = time.monotonic()
     warm_done: dict[str, float] = {}
+    accepted = asyncio.Event()
+    prefix: dict[str, str] = {}
 
     async def warm() -> None:
+        data = orjson.dumps(body(doc, None, max_tokens=0, stream=False))
         if via_proxy:
-            data = orjson.dumps(body(doc, None, max_tokens=0, stream=False))
             async with http.post(proxy + "/prewarm", data=data, headers=headers()) as r:
                 assert r.status == 202, await r.text()
+                prefix["id"] = (await r.json())["prefix"]
+            accepted.set()
             # A second /prewarm?wait=1 of the same prefix sends nothing and answers once it has settled.
             async with http.post(proxy + "/prewarm?wait=1", data=data, headers=headers()) as r:
                 await r.read()
         else:
-            async with http.post(engine.url + "/v1/messages", headers=headers(),
-                                 data=orjson.dumps(body(doc, None, max_tokens=0, stream=False))) as r:
+            accepted.set()
+            async with http.post(engine.url + "/v1/messages", headers=headers(), data=data) as r:
                 await r.read()
         warm_done["at"] = time.monotonic() - t0
 
     task = asyncio.create_task(warm())
+    await accepted.wait()
     await asyncio.sleep(typing)
+    state = "-"
+    if via_proxy:
+        async with http.get(f"{proxy}/prewarm/{prefix['id']}", headers=headers()) as r:
+            state = (await r.json())["state"]
     question = await ask(http, proxy if via_proxy else engine.url, doc, "What does function_3 return?", t0)
     await task
-    return {**question, "warm_done_at_s": round(warm_done["at"], 3), "computed_tokens": await computed(engine) - before}
+    return {**question, "warm_state_at_question": state, "warm_done_at_s": round(warm_done["at"], 3),
+            "computed_tokens": await computed(engine) - before}
 
 
 async def fan_out(http: aiohttp.ClientSession, engine: llama.LlamaServer, proxy: str, lines: int, n: int,
@@ -151,7 +169,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
         return {"scenario": "engine", "quick": quick,
                 "skipped": "llama-server is not built: run scripts/build_llama_server.sh"}
     dims = llama.TINY if quick else BENCH_MODEL
-    lines, rounds, n, typing = (60, 1, 2, 0.2) if quick else (400, 2, 4, 1.0)
+    lines, rounds, n, typing = (60, 1, 2, 0.0) if quick else (400, 2, 4, 1.0)
     model_path = await asyncio.to_thread(llama.model, **dims)
     result: dict[str, Any] = {"scenario": "engine", "quick": quick, "model": dims, "slots": SLOTS,
                               "document_lines": lines, "typing_s": typing, "fan_out": n, "rounds": []}
@@ -201,6 +219,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         dw[key] = {m: mean(("during_warm", key, m)) for m in
                    ("ttft_s", "done_at_s", "warm_done_at_s", "computed_tokens", "cache_read", "computed")}
         dw[key]["outcome"] = result["rounds"][0]["during_warm"][key]["outcome"]
+        dw[key]["warm_state_at_question"] = result["rounds"][0]["during_warm"][key]["warm_state_at_question"]
     warm_prompt = dw["proxy"]["computed_tokens"] - dw["proxy"]["computed"]  # what the warm computed
     dw["proxy"]["cache_read_share"] = round(dw["proxy"]["cache_read"] / max(1.0, warm_prompt), 3)
     dw["ratios"] = {"ttft": _ratio(dw["straight"]["ttft_s"], dw["proxy"]["ttft_s"]),

@@ -235,10 +235,20 @@ def create_app(
         pool, _ = descriptor_budget(settings.upstream_max_connections, settings.client_max_connections)
         if settings.upstream_max_connections and pool < settings.upstream_max_connections:
             log.warning("upstream_max_connections lowered to %d to fit the open-files limit", pool)
-        connector = aiohttp.TCPConnector(
-            limit=pool, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True,
-            keepalive_timeout=settings.upstream_idle_timeout,
+        # What serves the upstream (upstream_profile; "auto" asks it): how warms go, usage reads,
+        # prefixes match, and whether its connections can be pooled at all.
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as probe:
+            app[UPSTREAM] = await resolve(settings.upstream_profile, probe, settings.upstream)
+        profile = app[UPSTREAM].profile
+        # An upstream that drops a kept-alive connection after a stream (llama-server) gets a fresh
+        # connection per request: a pooled one could be dead when the next request is written into
+        # it, and that request lost.
+        reuse: dict[str, Any] = (
+            {"force_close": True} if profile.closes_after_stream
+            else {"keepalive_timeout": settings.upstream_idle_timeout}
         )
+        connector = aiohttp.TCPConnector(limit=pool, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                         **reuse)
         # auto_decompress off: compressed responses are relayed as the upstream sent them.
         # DummyCookieJar: a proxy must never carry one tenant's cookies to another.
         session = aiohttp.ClientSession(
@@ -270,9 +280,7 @@ def create_app(
         coalescer.on_use(speculator.used)
         app[COALESCER] = coalescer
         app[PIPELINE] = Pipeline(settings, credentials, reg, coalescer, app[FORWARDER], speculator, accounting)
-        # What serves the upstream (upstream_profile; "auto" asks it): how warms go, usage reads, prefixes match.
-        app[UPSTREAM] = await resolve(settings.upstream_profile, session, settings.upstream)
-        warmer.profile = app[PIPELINE].profile = app[UPSTREAM].profile
+        warmer.profile = app[PIPELINE].profile = profile
         yield
         await speculator.close()
         accounting.close()

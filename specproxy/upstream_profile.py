@@ -62,6 +62,8 @@ class UpstreamProfile:
     shared_cache: bool  # one cache for every credential
     slots: str  # what the engine's slots mean for holding
     start: str  # how to start it so that cache reporting works
+    # --- its connections ---
+    closes_after_stream: bool = False  # drops a kept-alive connection once a streamed response ends
 
     @property
     def engine(self) -> bool:
@@ -136,6 +138,9 @@ PROFILES: Final[dict[str, UpstreamProfile]] = {
             "slot (--slot-prompt-similarity, on by default) once it is idle, which holding guarantees"
         ),
         start="llama-server -m MODEL --parallel N --ctx-size N*CTX --cache-reuse 256 (prompt cache on by default)",
+        # It answers a stream with ``Keep-Alive: timeout=5`` and then closes the connection: reusing
+        # it sends the next request into a closed socket (ServerDisconnectedError).
+        closes_after_stream=True,
     ),
     "vllm": UpstreamProfile(
         name="vllm",

@@ -260,23 +260,29 @@ class Warmer:
         self, request: Mapping[str, Any], headers: CIMultiDict[str], mode: str, *, stream: bool = True
     ) -> WarmResult:
         profile = self.profile
+        data = warm_body(request, mode, stream=stream)
         try:
-            async with self._session.post(
-                self._url, data=warm_body(request, mode, stream=stream), headers=headers, timeout=self._timeout,
-                auto_decompress=True, allow_redirects=False,
-            ) as resp:
+            try:
+                resp = await self._post(data, headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The pooled connection was dead before any answer (the upstream closed it while
+                # idle, or after its last stream): nothing reached the model. A warm generates
+                # nothing, so it is safe to send again, once, on a fresh connection (RFC 9112
+                # 9.3.1: a request known to be idempotent may be retried).
+                resp = await self._post(data, headers)
+            async with resp:
                 if resp.status >= 400:
                     error = await _error_of(resp)
                     return WarmResult(State.FAILED, mode, error=str(error.get("type") or f"http_{resp.status}"),
                                       refused_max_tokens_0=refuses_max_tokens_0(resp.status, error))
                 if mode == "0" or not stream:
-                    data = orjson.loads(await resp.read())
-                    return WarmResult.of(mode, data.get("usage") if isinstance(data, dict) else None, profile)
+                    payload = orjson.loads(await resp.read())
+                    return WarmResult.of(mode, payload.get("usage") if isinstance(payload, dict) else None, profile)
                 reader = SSEReader()
                 async for chunk in resp.content.iter_any():
-                    for event, payload in reader.feed(chunk):
+                    for event, raw in reader.feed(chunk):
                         if event == "message_start":
-                            message = orjson.loads(payload)
+                            message = orjson.loads(raw)
                             message = message.get("message") if isinstance(message, dict) else None
                             resp.close()  # settle here; generating the token is not wanted
                             usage = message.get("usage") if isinstance(message, dict) else None
@@ -286,6 +292,11 @@ class Warmer:
                 return WarmResult(State.FAILED, mode, error="stream ended before message_start")
         except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
             return WarmResult(State.FAILED, mode, error=type(exc).__name__)
+
+    async def _post(self, data: bytes, headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        return await self._session.post(
+            self._url, data=data, headers=headers, timeout=self._timeout, auto_decompress=True, allow_redirects=False,
+        )
 
     async def close(self) -> None:
         for task in list(self._tasks):

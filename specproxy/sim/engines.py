@@ -168,6 +168,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
     if req.stream:  # the engines' StreamingResponse: status and headers go out before prefill
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        if dialect == "llamacpp":  # what llama-server advertises, though it closes after a stream
+            resp.headers["Keep-Alive"] = "timeout=5, max=100"
         await resp.prepare(request)
     engine = state.engine
     assert engine is not None
@@ -223,6 +225,12 @@ async def _stream(request: web.Request, resp: web.StreamResponse, state: SimStat
         delta["stop_sequence"] = None
     await resp.write(out.sse("message_delta", {"type": "message_delta", "delta": delta, "usage": forms[2]})
                      + out.message_stop())
+    if dialect == "llamacpp" and request.transport is not None:
+        # llama-server closes its connection once a streamed response has ended, with no
+        # ``Connection: close`` (and ``Keep-Alive: timeout=5`` advertised): a client that pools it
+        # finds it dead on the next request.
+        await resp.write_eof()
+        request.transport.close()
     return resp
 
 

@@ -28,7 +28,12 @@ def test_bench_engine_quick_reports_every_comparison(llama_server: llama.LlamaSe
     assert data["cold_vs_prewarmed"]["prewarmed"]["outcome"] == "hit"
     assert data["cold_vs_prewarmed"]["prewarmed"]["cache_read"] > 1000
     during = summary["during_warm"]
-    assert during["proxy"]["outcome"] == "held" and during["straight"]["outcome"] == "-"
+    # The question leaves right after the proxy's 202. Whether the tiny model's warm is still
+    # computing then is up to the machine; what the proxy answers must follow from it.
+    state = during["proxy"]["warm_state_at_question"]
+    assert state in ("warming", "warm"), state
+    assert during["proxy"]["outcome"] == ("held" if state == "warming" else "hit")
+    assert during["straight"]["outcome"] == "-"
     assert during["proxy"]["cache_read_share"] >= 0.9
     fan = summary["fan_out"]
     assert sorted(fan["proxy"]["outcomes"]) == ["held", "miss"]  # one leads, the other follows it

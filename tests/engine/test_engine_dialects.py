@@ -152,3 +152,25 @@ async def test_without_its_reporting_flag_vllm_reports_no_cache_read_and_the_que
     assert code == 200 and hdrs["X-Cache-Warm"] == "hit"
     assert "cache_read_input_tokens" not in answer["usage"]  # the engine read it, but does not say
     assert stats["tokens_read"] > 1000
+
+
+async def test_llamacpp_closing_after_each_stream_costs_no_request_and_no_warm(http: aiohttp.ClientSession) -> None:
+    """llama-server drops its connection after every streamed response while advertising keep-alive.
+    Behind the ``llamacpp`` profile the proxy does not pool such a connection: a streamed question
+    followed at once by a warm and a question, round after round, never meets a dead socket."""
+    async with run_sim(dialect="llamacpp", reply_tokens=4) as sim, run_proxy(sim.url, upstream_profile="llamacpp") as p:
+        warms, statuses = [], []
+        for i in range(12):
+            streamed = {**body(f"Question {i}?"), "stream": True}
+            async with http.post(p.url + "/v1/messages", data=orjson.dumps(streamed), headers=headers(KEY_A)) as r:
+                statuses.append(r.status)
+                assert b"message_stop" in await r.read()
+            doc = {**body(), "messages": [{"role": "user", "content": f"Document {i}. " + CONTEXT}]}
+            code, _, warm = await post(http, p.url + "/prewarm?wait=1", doc)
+            warms.append((code, warm["state"], warm.get("error")))
+            code, _, _ = await post(http, p.url + "/v1/messages", body(f"Another {i}?"))
+            statuses.append(code)
+        log = messages_sent(await sim.requests())
+    assert statuses == [200] * 24
+    assert warms == [(200, "warm", None)] * 12
+    assert len(log) == 36 and {e[0] for e in log} == {200}  # every request and warm reached it once

@@ -251,3 +251,29 @@ async def test_engines_ignore_what_the_api_would_refuse(engine: SimHandle) -> No
 async def test_vllm_refuses_a_model_it_does_not_serve(engine: SimHandle) -> None:
     status, _, err = await post(engine, {**body(), "model": "llama-3-8b"})
     assert status == 404 and err["error"]["message"] == "The model `llama-3-8b` does not exist."
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+async def test_llamacpp_closes_its_connection_after_a_stream_though_it_advertises_keep_alive() -> None:
+    """As llama-server does: ``Keep-Alive: timeout=5, max=100``, then EOF right after the last chunk
+    of a streamed response (a JSON response keeps the connection open)."""
+    async with run_sim(dialect="llamacpp", reply_tokens=4) as sim:
+        host, port = sim.url.removeprefix("http://").split(":")
+        for stream, closes in ((True, True), (False, False)):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            data = orjson.dumps(body(stream=stream))
+            writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            head = await reader.readuntil(b"\r\n\r\n")
+            if stream:
+                assert b"Keep-Alive: timeout=5, max=100" in head and b"Connection: close" not in head
+                rest = await asyncio.wait_for(reader.read(), 10)  # returns only at EOF
+                assert rest.endswith(b"0\r\n\r\n") and b"message_stop" in rest
+            else:
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.3)  # still open: nothing, no EOF
+            writer.close()
+            assert closes == stream
