@@ -29,7 +29,7 @@ def _options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of one scenario's ``run`` from the command line."""
     opts: dict[str, Any] = {"quick": args.quick}
     if name == "overhead":
-        opts.update(rounds=args.rounds, cprofile=args.cprofile)
+        opts.update(rounds=args.rounds, cprofile=args.cprofile, baseline=args.baseline)
     elif name == "throughput":
         opts.update(rounds=args.rounds, seconds=args.seconds)
     elif name == "memory":
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-minutes", dest="memory_minutes", type=float, default=None,
                         help="memory: minutes of mixed traffic (default 1; 10 for the full run)")
     parser.add_argument("--cprofile", default=None, help="overhead: write the proxy's cProfile stats to this file")
+    parser.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                        help="overhead: also measure the specproxy of another checkout (e.g. a git worktree of an "
+                             "older commit) in the same interleaved rounds, as the 'baseline' variant")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
     return parser
 

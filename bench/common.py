@@ -96,22 +96,24 @@ class Servers:
         return self._spawn("sim", "--time-scale", str(time_scale), "--profile", json.dumps(profile))
 
     def proxy(self, upstream: str, cprofile: str | None = None, tracemalloc: str | None = None,
-              **settings: Any) -> Server:
-        """specproxy in front of ``upstream`` (``settings`` as in ``config/specproxy.toml``)."""
+              root: Path = ROOT, **settings: Any) -> Server:
+        """specproxy in front of ``upstream`` (``settings`` as in ``config/specproxy.toml``); ``root``:
+        the checkout whose code runs (another one to compare two versions side by side)."""
         extra = ["--cprofile", cprofile] if cprofile else []
         extra += ["--tracemalloc", tracemalloc] if tracemalloc else []
-        return self._spawn("proxy", "--upstream", upstream, "--settings", json.dumps(settings), *extra)
+        return self._spawn("proxy", "--upstream", upstream, "--settings", json.dumps(settings), *extra, root=root)
 
     def hop(self, upstream: str) -> Server:
         """The minimal pass-through hop in front of ``upstream``."""
         return self._spawn("hop", "--upstream", upstream)
 
-    def _spawn(self, kind: str, *args: str) -> Server:
+    def _spawn(self, kind: str, *args: str, root: Path = ROOT) -> Server:
+        root = root.resolve()
         log_path = self._dir / f"{kind}-{len(self._servers)}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPECPROXY_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, *args], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, *args], cwd=root, env=env,
                                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         server = Server(kind, "", proc, log_path)
         self._servers.append(server)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -77,8 +78,11 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, hdrs: dict
     return (first or total), total
 
 
-async def run(quick: bool = False, rounds: int | None = None, cprofile: str | None = None) -> dict[str, Any]:
-    """Run the scenario; return its JSON document (``cprofile``: profile the proxy into that file)."""
+async def run(quick: bool = False, rounds: int | None = None, cprofile: str | None = None,
+              baseline: str | None = None) -> dict[str, Any]:
+    """Run the scenario; return its JSON document (``cprofile``: profile the proxy into that file;
+    ``baseline``: another checkout of specproxy, measured as the ``baseline`` variant in the same rounds)."""
+    variants = VARIANTS + (("baseline",) if baseline else ())
     rounds = rounds or (1 if quick else 5)
     per_block = {"2KB": 20 if quick else 400, "600KB-ascii": 3 if quick else 60, "600KB-utf8": 3 if quick else 60}
     warmup = 2 if quick else 20
@@ -93,16 +97,19 @@ async def run(quick: bool = False, rounds: int | None = None, cprofile: str | No
         hop = servers.hop(sim.url)
         urls = {"direct": sim.url, "proxy": proxy.url, "hop": hop.url}
         middle = {"direct": sim.pid, "proxy": proxy.pid, "hop": hop.pid}  # whose CPU a block is charged to
-        sessions = {v: client_session(limit=1) for v in VARIANTS}
+        if baseline:
+            before = servers.proxy(sim.url, root=Path(baseline))
+            urls["baseline"], middle["baseline"] = before.url, before.pid
+        sessions = {v: client_session(limit=1) for v in variants}
         try:
-            for v in VARIANTS:  # open each connection, let every process reach a steady state
+            for v in variants:  # open each connection, let every process reach a steady state
                 for (name, mode), body in bodies.items():
                     for _ in range(warmup if name == "2KB" else max(2, warmup // 5)):
                         await _one(sessions[v], urls[v] + "/v1/messages", body, hdrs, mode == "stream")
             for r in range(rounds):
                 for p in PAYLOADS:
                     for mode in METRICS:
-                        for v in rotated(VARIANTS, r):
+                        for v in rotated(variants, r):
                             firsts, totals = [], []
                             cpu0 = cpu_seconds(middle[v])
                             for _ in range(per_block[p.name]):
@@ -120,14 +127,14 @@ async def run(quick: bool = False, rounds: int | None = None, cprofile: str | No
         finally:
             for s in sessions.values():
                 await s.close()
-    cpu_ms = {p.name: {v: round(cpu[(p.name, v)][0] / cpu[(p.name, v)][1] * 1000, 4) for v in VARIANTS}
+    cpu_ms = {p.name: {v: round(cpu[(p.name, v)][0] / cpu[(p.name, v)][1] * 1000, 4) for v in variants}
               for p in PAYLOADS}
-    return _report(samples, round_p50, rounds, per_block, quick, cpu_ms)
+    return _report(samples, round_p50, rounds, per_block, quick, cpu_ms, variants)
 
 
 def _report(samples: dict[tuple[str, str, str, str], list[float]], round_p50: dict[tuple[str, str, str, str],
             list[float]], rounds: int, per_block: dict[str, int], quick: bool,
-            cpu_ms: dict[str, dict[str, float]]) -> dict[str, Any]:
+            cpu_ms: dict[str, dict[str, float]], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     cases: dict[str, Any] = {}
     for p in PAYLOADS:
         for mode, metrics in METRICS.items():
@@ -135,7 +142,7 @@ def _report(samples: dict[tuple[str, str, str, str], list[float]], round_p50: di
                 key = f"{p.name}/{mode}/{metric}"
                 direct = samples[(p.name, mode, metric, "direct")]
                 case: dict[str, Any] = {"ms": {}, "added_ms": {}, "added_p50_by_round_ms": {}, "cdf_ms": {}}
-                for v in VARIANTS:
+                for v in variants:
                     values = samples[(p.name, mode, metric, v)]
                     case["ms"][v] = summary(values)
                     case["cdf_ms"][v] = [round(percentile(values, q), 4) for q in range(1, 100)]
@@ -185,6 +192,16 @@ def render(result: dict[str, Any]) -> str:
     text = table(rows, ["case", "direct p50", "+proxy p50", "+proxy p90", "+proxy p99", "+hop p50", "+hop p90",
                         "+hop p99", "n/variant"])
     cpu = result["cpu_ms_per_request"]
-    rows = [[name, c["direct"], c["hop"], c["proxy"], c["proxy"] - c["hop"]] for name, c in cpu.items()]
-    text += "\n\n" + table(rows, ["CPU ms per request", "simulator", "hop process", "proxy process", "proxy - hop"])
+    rows = [[name, c["direct"], c["hop"], c["proxy"], round(c["proxy"] - c["hop"], 4),
+             round(c["hop"] / c["proxy"], 3)] for name, c in cpu.items()]
+    text += "\n\n" + table(rows, ["CPU ms per request", "simulator", "hop process", "proxy process", "proxy - hop",
+                                  "hop/proxy (per-CPU throughput)"])
+    if "baseline" in next(iter(cpu.values())):  # --baseline: the other checkout, in the same rounds
+        rows = [[key, case["added_ms"]["baseline"]["p50"], case["added_ms"]["proxy"]["p50"]]
+                for key, case in result["cases"].items()]
+        text += "\n\n" + table(rows, ["baseline vs this checkout", "+baseline p50", "+proxy p50"])
+        rows = [[name, c["baseline"], c["proxy"], round(c["baseline"] - c["hop"], 4), round(c["proxy"] - c["hop"], 4),
+                 round(c["hop"] / c["baseline"], 3), round(c["hop"] / c["proxy"], 3)] for name, c in cpu.items()]
+        text += "\n\n" + table(rows, ["CPU ms per request", "baseline", "proxy", "baseline - hop", "proxy - hop",
+                                      "hop/baseline", "hop/proxy"])
     return text

@@ -28,7 +28,7 @@ from specproxy.errors import (
     NotFound,
 )
 from specproxy.forward import Forwarder
-from specproxy.guard import error_middleware, own_paths_middleware, unanswered_status
+from specproxy.guard import error_middleware, unanswered_status
 from specproxy.keys import (
     COALESCER,
     CREDENTIALS,
@@ -185,8 +185,7 @@ def create_app(
     tracer = tracer or tracing.setup(settings)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[*((tracer.middleware,) if tracer else ()), access_middleware, error_middleware,
-                     own_paths_middleware],
+        middlewares=[*((tracer.middleware,) if tracer else ()), access_middleware, error_middleware],
     )
     app[SETTINGS] = settings
     app[SERVER_OPTIONS] = ServerOptions(

@@ -4,9 +4,9 @@
   proxy's own errors with their status, aiohttp's HTTP exceptions (413, 405) with theirs, and any
   unexpected exception as ``500 api_error`` with a fixed message (logged by kind and place only,
   never its text, which may quote client data). Errors on the Messages API surface (``/v1/…``)
-  carry the ``X-Cache-Warm: bypass`` contract like every other answer there.
-- :func:`own_paths_middleware`: a request whose raw path begins with one of the proxy's own names
-  (``/prewarm/../../v1/models``) is the proxy's to answer and never goes upstream.
+  carry the ``X-Cache-Warm: bypass`` contract like every other answer there. It also keeps the
+  proxy's own paths its own: a request whose raw path begins with one of the proxy's names
+  (``/prewarm/../../v1/models``) and matches none of its routes is a 404, never sent upstream.
 - :func:`client_left`: whether the client has gone (so the access log says 499 only then).
 """
 
@@ -51,12 +51,6 @@ def _is_catch_all(request: web.Request) -> bool:
     return resource is None or resource.canonical in ("", "/{tail}")
 
 
-@web.middleware
-async def own_paths_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer 404 for paths in the proxy's namespace that no route of the proxy's matches."""
-    if _is_catch_all(request) and proxy_owned(request.raw_path):
-        raise NotFound("This path belongs to the proxy and matches none of its endpoints; it is never forwarded.")
-    return await handler(request)
 
 
 def _with_contract(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
@@ -69,8 +63,13 @@ def _with_contract(request: web.Request, response: web.StreamResponse) -> web.St
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error in Anthropic's shape; an unexpected one is a 500 with a fixed message."""
+    """Render every error in Anthropic's shape; an unexpected one is a 500 with a fixed message.
+
+    A path in the proxy's namespace that no route of the proxy's matches is answered 404 here,
+    never forwarded."""
     try:
+        if _is_catch_all(request) and proxy_owned(request.raw_path):
+            raise NotFound("This path belongs to the proxy and matches none of its endpoints; it is never forwarded.")
         return await handler(request)
     except SpecproxyError as exc:
         return _with_contract(request, exc.to_response())
